@@ -1,0 +1,200 @@
+"""The `bench` command line: run, list, plugins, report (plugins may add more)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import BenchError, UsageError
+from .plugins import Registry, load_registry
+from .runner import Method, RunConfig, Spec, parse_nfe, run
+from .store import Run
+
+DEFAULT_MODEL = "mixture"
+DEFAULT_REPORTERS = "console,csv,markdown"
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def split_specs(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def methods_from_args(registry: Registry, args: argparse.Namespace) -> list[Method]:
+    """The grid's methods: samplers x schedules x modifier chains."""
+    names = split_specs(args.samplers)
+    if not names:
+        raise UsageError("--samplers is empty; name samplers or use 'all'")
+    samplers = [Spec(n) for n in registry.names("samplers")] if names == ["all"] else [
+        Spec.parse(n) for n in names
+    ]
+    if not samplers:
+        raise UsageError("no samplers are installed; install a plugin such as bench-classic")
+    schedules = [None if s == "default" else Spec.parse(s) for s in split_specs(args.schedule)]
+    chains = []
+    for variant in split_specs(args.modifiers):
+        chains.append(() if variant == "none" else tuple(Spec.parse(m) for m in variant.split("+")))
+    return [Method(s, sch, ch) for ch in chains for s in samplers for sch in schedules]
+
+
+def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
+    config = RunConfig(
+        models=split_specs(args.model),
+        methods=methods_from_args(registry, args),
+        nfe=parse_nfe(args.nfe),
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        metrics=split_specs(args.metrics) if args.metrics else None,
+        out=args.out,
+        command="bench " + shlex.join(sys.argv[1:]),
+    )
+    reporters = [registry.get("reporters", name) for name in split_specs(args.report)]
+    n_cells = len(config.models) * len(config.methods) * len(config.nfe)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=args.quiet,
+    ) as progress:
+        cells = progress.add_task("cells", total=n_cells)
+        batches = progress.add_task("batches", total=None)
+
+        def on_cell(cell, record):
+            progress.advance(cells)
+            if record is not None and record.get("status") == "failed":
+                progress.console.print(
+                    f"[red]failed[/red] {record['method']} @ NFE {cell.nfe}: {record['reason']}"
+                )
+
+        def on_batch(cell_id, done, total):
+            progress.update(batches, completed=done, total=total)
+
+        run_dir, _ = run(registry, config, on_cell=on_cell, on_batch=on_batch)
+    return render(registry, Run.open(run_dir), reporters)
+
+
+def render(registry: Registry, result: Run, reporters) -> int:
+    """Run every reporter; a failing reporter is reported, the others still run."""
+    code = 0
+    for reporter in reporters:
+        try:
+            reporter.render(result, out)
+        except Exception as exc:  # one broken reporter must not lose the others
+            err.print(f"[red]reporter '{reporter.name}' failed:[/red] {type(exc).__name__}: {exc}")
+            code = 1
+    failed = [r for r in result.records if r.get("status") == "failed"]
+    if failed:
+        err.print(f"[red]{len(failed)} of {len(result.records)} cells failed[/red]; see above")
+        code = 1
+    return code
+
+
+def cmd_report(registry: Registry, args: argparse.Namespace) -> int:
+    reporters = [registry.get("reporters", name) for name in split_specs(args.report)]
+    return render(registry, Run.open(args.run_dir), reporters)
+
+
+def cmd_plugins(registry: Registry, args: argparse.Namespace) -> int:
+    if args.json:
+        out.print_json(json.dumps([p.__dict__ | {"module_obj": None} for p in registry.plugins]))
+        return 0
+    table = Table(title="plugins", title_justify="left")
+    for col in ("distribution", "version", "entry point", "registered"):
+        table.add_column(col)
+    for p in registry.plugins:
+        what = "; ".join(f"{k}: {', '.join(v)}" for k, v in p.registered.items())
+        if p.error:
+            what = f"[red]error: {p.error}[/red]"
+        table.add_row(p.dist, p.version, f"{p.name} = {p.module}", what)
+    out.print(table)
+    return 0
+
+
+def cmd_list(registry: Registry, args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else list(registry.items)
+    for kind in kinds:
+        table = Table(title=kind, title_justify="left")
+        table.add_column("name", style="bold")
+        if kind == "samplers":
+            table.add_column("NFE rule")
+            table.add_column("default schedule")
+        table.add_column("options")
+        table.add_column("description")
+        table.add_column("from")
+        for name, item in registry.items[kind].items():
+            extra = [item.nfe_rule, item.default_schedule] if kind == "samplers" else []
+            options = ", ".join(f"{k}={v}" for k, v in getattr(item, "options", {}).items())
+            table.add_row(name, *extra, options, item.description, registry.version_of(kind, name))
+        out.print(table)
+    return 0
+
+
+def build_parser(registry: Registry) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench", description="Benchmark diffusion samplers: quality, counted NFE, wall-clock."
+    )
+    parser.add_argument("--version", action="version", version=f"sampler-bench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run samplers x NFE budgets on a model and report")
+    p.add_argument("--samplers", default="all", help="comma list of name[:key=value...], or 'all'")
+    p.add_argument("--nfe", default="5,10,20", help="comma list of NFE budgets (default 5,10,20)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec name[:arg] (default {DEFAULT_MODEL})")
+    p.add_argument("--schedule", default="default",
+                   help="comma list of schedules name[:key=value]; 'default' is each sampler's own")
+    p.add_argument("--modifiers", default="none",
+                   help="comma list of variants, each 'none' or mod[:k=v]+mod...; e.g. none,skip-tuning")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--metrics", default=None, help="comma list (default: the model's own)")
+    p.add_argument("--report", default=DEFAULT_REPORTERS, help=f"reporters (default {DEFAULT_REPORTERS})")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default reports/<model>-<hash>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="re-render the reports of a run from its results.jsonl")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--report", default=DEFAULT_REPORTERS)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plugins", help="every plugin: distribution, version, what it registered")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("list", help="samplers (with NFE rules), schedules, models, metrics, ...")
+    p.add_argument("kind", nargs="?", choices=list(registry.items))
+    p.set_defaults(func=cmd_list)
+
+    if registry.pm is not None:
+        registry.pm.hook.register_commands(subparsers=sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        registry = load_registry()
+        parser = build_parser(registry)
+        args = parser.parse_args(argv)
+        return int(args.func(registry, args) or 0)
+    except BenchError as exc:
+        err.print(f"error: {exc}", markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted; finished cells are kept, rerun the same command to resume")
+        return 130

@@ -1,0 +1,291 @@
+"""The contracts every plugin implements (the EDM / k-diffusion sigma formulation).
+
+x = x0 + sigma * eps. A Denoiser returns x0_hat = D(x, sigma); samplers integrate the
+probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (or its SDE) from sigma_max
+down a schedule of sigmas. Plugins register the dataclasses below through the hooks in
+`bench.hookspecs`; the harness counts NFE, draws noise and times everything.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+from torch import Tensor
+
+from .errors import PluginError, UsageError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.+_-]*$")
+
+
+# --- Denoiser -------------------------------------------------------------------------
+
+
+class Denoiser(torch.nn.Module):
+    """D(x, sigma, **cond) -> x0_hat, with x = x0 + sigma * eps and sigma of shape [B].
+
+    Subclasses set `sigma_min`, `sigma_max`, `sigma_data` and `shape` (C, H, W) and
+    implement `forward`. `__call__` accepts a Python float or 0-dim sigma and broadcasts
+    it to [B], so samplers may pass the scalar of the current step. Discrete-time models
+    override `round_sigma`; models built on a network expose it as `net` for modifiers.
+    A model that can return its UNet bottleneck feature sets `has_bottleneck = True` and
+    accepts `return_bottleneck=True`, returning `(x0_hat, feature [B, C, h, w])` from the
+    same single network call.
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    shape: tuple[int, int, int] = (1, 8, 8)
+    net: torch.nn.Module | None = None
+    has_bottleneck: bool = False
+
+    def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        return super().__call__(x, sigma, **cond)
+
+    def round_sigma(self, sigma: Tensor | float) -> Tensor:
+        """The nearest sigma the model was trained on (identity for continuous time)."""
+        return torch.as_tensor(sigma)
+
+    def describe(self) -> dict[str, Any]:
+        """What reports record about the model (subclasses add parameterization, weights)."""
+        return {
+            "class": type(self).__name__,
+            "shape": list(self.shape),
+            "sigma_min": float(self.sigma_min),
+            "sigma_max": float(self.sigma_max),
+            "sigma_data": float(self.sigma_data),
+        }
+
+
+def check_denoiser(denoiser: Any) -> None:
+    """Raise PluginError unless `denoiser` satisfies the Denoiser contract."""
+    if not isinstance(denoiser, Denoiser):
+        raise PluginError(f"model source returned {type(denoiser).__name__}, not a bench.Denoiser")
+    if not (0 < denoiser.sigma_min < denoiser.sigma_max):
+        raise PluginError(
+            f"denoiser sigma range [{denoiser.sigma_min}, {denoiser.sigma_max}] is not increasing"
+        )
+    if len(tuple(denoiser.shape)) != 3:
+        raise PluginError(f"denoiser shape {denoiser.shape} is not (C, H, W)")
+
+
+# --- Sampler --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a sampler spends a budget: `steps` intervals of the schedule, `nfe` calls.
+
+    `to_zero` says whether the schedule's last sigma is 0 (EDM) or sigma_min
+    (diff-sampler's convention); `options` are the sampler options the plan sets.
+    """
+
+    steps: int
+    nfe: int
+    to_zero: bool = True
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class NoiseFn(Protocol):
+    def __call__(self) -> Tensor:
+        """Fresh standard normal noise shaped like the batch, from per-sample streams."""
+
+
+SampleFn = Callable[..., Tensor]
+PlanFn = Callable[[int, Mapping[str, Any]], Plan]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A stateless sampler: `sample(denoiser, x, sigmas, *, noise, callback, **options)`.
+
+    `x` is the initial latent already scaled by sigmas[0]; the result is x0.
+    `plan(nfe, options)` maps a budget to a Plan or raises `bench.errors.Infeasible`.
+    `nfe_rule` is the one-line rule shown by `bench list`, e.g. "NFE = steps".
+    `options` holds every option the sampler accepts, with its default.
+    """
+
+    name: str
+    sample: SampleFn
+    plan: PlanFn
+    nfe_rule: str
+    description: str
+    default_schedule: str = "karras"
+    stochastic: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- Schedule -------------------------------------------------------------------------
+
+
+ScheduleFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """`sigmas(n, sigma_min, sigma_max, *, to_zero, denoiser, device, **options)`.
+
+    Returns a decreasing float tensor of n + 1 sigmas starting at sigma_max: with
+    `to_zero` n sigmas down to sigma_min followed by 0, without it n + 1 sigmas down to
+    sigma_min. Discrete schedules snap with `denoiser.round_sigma`.
+    """
+
+    name: str
+    sigmas: ScheduleFn
+    description: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- Modifier -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Modifier:
+    """`apply(denoiser, **params) -> Denoiser`: transforms a model without changing samplers.
+
+    It receives the NFE-counting denoiser, so every network call it makes is counted.
+    """
+
+    name: str
+    apply: Callable[..., Denoiser]
+    description: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- Model source ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """`load(arg, device=..., **options) -> Denoiser` for a model spec `name[:arg]`.
+
+    `default_metrics` are the metrics a run on this model uses when none are named.
+    """
+
+    name: str
+    load: Callable[..., Denoiser]
+    description: str
+    default_metrics: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- Metric ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Value:
+    """One reported number; `n` is the sample count it was computed from."""
+
+    value: float
+    higher_is_better: bool = False
+    std: float | None = None
+    n: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class Batch:
+    """What a metric sees: samples x0, their unit initial noise eps, their indices."""
+
+    x0: Tensor
+    eps: Tensor
+    indices: Tensor
+    sigma_max: float
+
+
+@dataclass
+class MetricContext:
+    """Run-wide facts for a metric; `cache` lives for the whole run (reference solves)."""
+
+    model: str
+    denoiser: Denoiser
+    num_samples: int
+    seed: int
+    device: torch.device
+    cache: dict[Any, Any]
+
+
+class MetricState(Protocol):
+    def update(self, batch: Batch) -> None:
+        """Consume one batch of samples."""
+
+    def result(self) -> Mapping[str, Value]:
+        """The named numbers after the last batch."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """`create(ctx) -> MetricState`: a streaming metric, fed batch by batch."""
+
+    name: str
+    create: Callable[[MetricContext], MetricState]
+    description: str
+
+
+# --- Reporter -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reporter:
+    """`render(run, console)` writes a view of a finished run (`bench.store.Run`)."""
+
+    name: str
+    render: Callable[..., Any]
+    description: str
+
+
+PLUGIN_TYPES = {
+    "samplers": Sampler,
+    "schedules": Schedule,
+    "models": ModelSource,
+    "modifiers": Modifier,
+    "metrics": Metric,
+    "reporters": Reporter,
+}
+
+
+def resolve_options(kind: str, name: str, known: Mapping[str, Any], given: Mapping[str, Any]):
+    """Defaults of `known` overridden by `given`, each given value cast to the default's type."""
+    out = dict(known)
+    for key, raw in given.items():
+        if key not in known:
+            listing = ", ".join(sorted(known)) or "none"
+            raise UsageError(f"{kind} '{name}' has no option '{key}'; its options: {listing}")
+        out[key] = cast_like(known[key], raw, f"{kind} '{name}' option '{key}'")
+    return out
+
+
+def cast_like(default: Any, raw: Any, what: str) -> Any:
+    """Cast a command-line string to the type of `default` (bool, int, float, str, None)."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if isinstance(default, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if default is None:
+            for cast in (int, float):
+                try:
+                    return cast(raw)
+                except ValueError:
+                    pass
+            return None if raw.lower() == "none" else raw
+    except ValueError:
+        raise UsageError(f"{what}: cannot read '{raw}' as {type(default).__name__}") from None
+    return raw

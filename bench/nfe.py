@@ -1,0 +1,71 @@
+"""NFE counting: the harness, not the sampler, counts network evaluations.
+
+One call of the wrapped denoiser on a batch is one NFE. The counter sits directly on the
+model, under any modifiers, so extra network calls a modifier makes are counted too
+(calls at another resolution are tallied apart as `extra`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .contracts import Denoiser
+from .errors import BudgetExceeded
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels so wall-clock readings are true on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CountingDenoiser(Denoiser):
+    """Wraps a Denoiser; counts calls (at the model's resolution and others) and time in it."""
+
+    def __init__(self, inner: Denoiser, budget: int | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.budget = budget
+        self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
+        self.sigma_data, self.shape = inner.sigma_data, tuple(inner.shape)
+        self.net = inner.net
+        self.nfe = 0
+        self.extra = 0
+        self.model_s = 0.0
+
+    def reset(self) -> None:
+        self.nfe, self.extra, self.model_s = 0, 0, 0.0
+
+    def round_sigma(self, sigma: Tensor | float) -> Tensor:
+        return self.inner.round_sigma(sigma)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        # Tally the call: calls at the model's own resolution spend the budget
+        if tuple(x.shape[1:]) == self.shape:
+            if self.budget is not None and self.nfe >= self.budget:
+                raise BudgetExceeded(
+                    f"sampler made network call {self.nfe + 1} on a budget of {self.budget} NFE"
+                )
+            self.nfe += 1
+        else:
+            self.extra += 1
+        # Time the network itself
+        synchronize(x.device)
+        start = time.perf_counter()
+        out = self.inner(x, sigma, **cond)
+        synchronize(x.device)
+        self.model_s += time.perf_counter() - start
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)

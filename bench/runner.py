@@ -1,0 +1,384 @@
+"""The runner: a grid of cells (model x method x NFE budget), each run, measured and stored.
+
+A method is a sampler with its options, a schedule and a chain of modifiers. Every cell
+draws the same per-sample noise, spends at most its budget (the counter enforces it),
+and ends as one record: ok, infeasible (with the planner's reason) or failed (with the
+error); a failing cell never stops the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .contracts import Batch, Denoiser, MetricContext, check_denoiser, resolve_options
+from .errors import Infeasible, ModelLoadError, PluginError, UsageError
+from .nfe import CountingDenoiser, synchronize
+from .plugins import Registry
+from .seeding import SampleNoise
+from .store import CONFIG, FINAL, RESULTS, append_record, read_records, write_json
+
+# --- Specs: "name:key=value:key=value" --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A plugin name with options, written `name:key=value:key=value` on the command line."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec":
+        name, *pairs = text.strip().split(":")
+        options = []
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise UsageError(f"option '{pair}' of '{text}' is not key=value")
+            options.append((key.strip(), value.strip()))
+        if not name:
+            raise UsageError(f"'{text}' names nothing; write name or name:key=value")
+        return cls(name.strip(), tuple(options))
+
+    def __str__(self) -> str:
+        return ":".join([self.name, *(f"{k}={v}" for k, v in self.options)])
+
+
+@dataclass(frozen=True)
+class Method:
+    """sampler + schedule + modifiers; `schedule=None` means the sampler's default."""
+
+    sampler: Spec
+    schedule: Spec | None = None
+    modifiers: tuple[Spec, ...] = ()
+
+    def label(self, default_schedule: str) -> str:
+        """`heun`, `euler:churn=10 @time-uniform +skip-tuning`: the schedule only if not default."""
+        text = str(self.sampler)
+        if self.schedule is not None and str(self.schedule) != default_schedule:
+            text += f" @{self.schedule}"
+        return text + "".join(f" +{m}" for m in self.modifiers)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; what identifies a cell is hashed into its id."""
+
+    models: list[str]
+    methods: list[Method]
+    nfe: list[int]
+    num_samples: int = 1000
+    batch_size: int = 500
+    seed: int = 0
+    device: str = "cpu"
+    metrics: list[str] | None = None
+    out: Path | None = None
+    command: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "models": self.models,
+            "methods": [
+                [str(m.sampler), str(m.schedule), [str(x) for x in m.modifiers]]
+                for m in self.methods
+            ],
+            "nfe": self.nfe,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "metrics": self.metrics,
+            "device": torch.device(self.device).type,
+        }
+
+    def run_dir(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in self.models[0])[:40]
+        return Path("reports") / f"{slug}-{digest(self.identity())[:8]}"
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def parse_nfe(text: str) -> list[int]:
+    """`5,10,20` -> [5, 10, 20]; anything else is a UsageError."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise UsageError(
+                f"--nfe: '{part}' is not a positive integer; give a comma list such as 5,10,20"
+            )
+        values.append(int(part))
+    return list(dict.fromkeys(values))
+
+
+# --- Environment ---------------------------------------------------------------------
+
+
+def environment(device: torch.device, registry: Registry) -> dict[str, Any]:
+    """What a record says about where it ran."""
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "plugins": registry.versions(),
+    }
+    try:
+        env["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
+    return env
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: '{name}' is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    return device
+
+
+# --- Loading and validating ------------------------------------------------------------
+
+
+def load_model(registry: Registry, spec: str, device: torch.device) -> Denoiser:
+    """A model spec `name[:arg][;key=value]` through its registered ModelSource."""
+    name, _, arg = spec.partition(":")
+    source = registry.get("models", name)
+    try:
+        denoiser = source.load(arg or None, device=device)
+    except (UsageError, ModelLoadError):
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"model '{spec}' failed to load: {type(exc).__name__}: {exc}") from exc
+    check_denoiser(denoiser)
+    return denoiser.to(device).eval()
+
+
+def validate(registry: Registry, config: RunConfig) -> None:
+    """Every name and option exists before anything runs."""
+    if config.num_samples < 1 or config.batch_size < 1:
+        raise UsageError("--num-samples and --batch-size must be positive integers")
+    for model in config.models:
+        registry.get("models", model.partition(":")[0])
+    for name in config.metrics or []:
+        registry.get("metrics", name)
+    for method in config.methods:
+        sampler = registry.get("samplers", method.sampler.name)
+        resolve_options("sampler", sampler.name, sampler.options, dict(method.sampler.options))
+        schedule = registry.get("schedules", (method.schedule or Spec(sampler.default_schedule)).name)
+        if method.schedule is not None:
+            resolve_options("schedule", schedule.name, schedule.options, dict(method.schedule.options))
+        for mod in method.modifiers:
+            modifier = registry.get("modifiers", mod.name)
+            resolve_options("modifier", modifier.name, modifier.options, dict(mod.options))
+
+
+# --- Running --------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    model: str
+    method: Method
+    nfe: int
+    id: str
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def run(
+    registry: Registry,
+    config: RunConfig,
+    on_cell: Callable[[Cell, dict[str, Any] | None], None] | None = None,
+    on_batch: Progress | None = None,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Run every cell not already finished in the run directory; return (dir, new records)."""
+    validate(registry, config)
+    device = resolve_device(config.device)
+    out = config.run_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(device, registry)
+    write_json(out / CONFIG, {**config.identity(), "command": config.command,
+                              "batch_size": config.batch_size, "environment": env, **config.extra})
+    done = {r["cell_id"]: r for r in read_records(out / RESULTS) if r.get("status") in FINAL}
+    new: list[dict[str, Any]] = []
+    for model_spec in config.models:
+        denoiser = load_model(registry, model_spec, device)
+        source = registry.get("models", model_spec.partition(":")[0])
+        metric_names = config.metrics or list(source.default_metrics)
+        cache: dict[Any, Any] = {}
+        for method in config.methods:
+            for nfe in config.nfe:
+                ident = {**config.identity(), "model": model_spec, "nfe": nfe,
+                         "method": [str(method.sampler), str(method.schedule),
+                                    [str(m) for m in method.modifiers]],
+                         "metrics": metric_names}
+                for key in ("models", "methods"):
+                    ident.pop(key)
+                cell = Cell(model_spec, method, nfe, digest(ident)[:16])
+                if cell.id in done:
+                    if on_cell:
+                        on_cell(cell, done[cell.id])
+                    continue
+                record = run_cell(registry, config, cell, denoiser, metric_names, cache, device, on_batch)
+                record.update(cell_id=cell.id, environment=env)
+                append_record(out / RESULTS, record)
+                new.append(record)
+                if on_cell:
+                    on_cell(cell, record)
+    return out, new
+
+
+def _batches(n: int, size: int) -> Iterable[torch.Tensor]:
+    for start in range(0, n, size):
+        yield torch.arange(start, min(n, start + size))
+
+
+def run_cell(
+    registry: Registry,
+    config: RunConfig,
+    cell: Cell,
+    denoiser: Denoiser,
+    metric_names: list[str],
+    cache: dict[Any, Any],
+    device: torch.device,
+    on_batch: Progress | None = None,
+) -> dict[str, Any]:
+    """One cell, measured; never raises for a sampler's or metric's failure."""
+    method = cell.method
+    sampler = registry.get("samplers", method.sampler.name)
+    sched_spec = method.schedule or Spec(sampler.default_schedule)
+    schedule = registry.get("schedules", sched_spec.name)
+    record: dict[str, Any] = {
+        "model": cell.model,
+        "method": method.label(sampler.default_schedule),
+        "sampler": str(method.sampler),
+        "schedule": str(sched_spec),
+        "modifiers": [str(m) for m in method.modifiers],
+        "nfe": cell.nfe,
+        "num_samples": config.num_samples,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "device": str(device),
+        "versions": {
+            "sampler": registry.version_of("samplers", sampler.name),
+            "schedule": registry.version_of("schedules", schedule.name),
+            "model": registry.version_of("models", cell.model.partition(":")[0]),
+            **{f"modifier:{m.name}": registry.version_of("modifiers", m.name) for m in method.modifiers},
+        },
+    }
+    # Plan the budget: the sampler's planner decides steps and options, or says why not
+    options = resolve_options("sampler", sampler.name, sampler.options, dict(method.sampler.options))
+    try:
+        plan = sampler.plan(cell.nfe, options)
+    except Infeasible as exc:
+        return {**record, "status": "infeasible", "reason": str(exc)}
+    record.update(steps=plan.steps, plan_nfe=plan.nfe, options={**options, **plan.options})
+    try:
+        return {**record, **_measure(registry, config, cell, denoiser, metric_names, cache,
+                                     device, sampler, schedule, sched_spec, plan, options, on_batch)}
+    except (KeyboardInterrupt, PluginError, UsageError):
+        raise
+    except Exception as exc:
+        return {**record, "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=8)}
+
+
+def _measure(registry, config, cell, denoiser, metric_names, cache, device, sampler, schedule,
+             sched_spec, plan, options, on_batch) -> dict[str, Any]:
+    # Build the method: counter on the model, modifiers on top of the counter
+    counted = CountingDenoiser(denoiser, budget=cell.nfe)
+    model: Denoiser = counted
+    for mod in cell.method.modifiers:
+        modifier = registry.get("modifiers", mod.name)
+        model = modifier.apply(model, **resolve_options("modifier", mod.name, modifier.options, dict(mod.options)))
+    sched_options = resolve_options("schedule", schedule.name, schedule.options, dict(sched_spec.options))
+    sigmas = schedule.sigmas(plan.steps, denoiser.sigma_min, denoiser.sigma_max, to_zero=plan.to_zero,
+                             denoiser=denoiser, device=device, **sched_options)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
+    if len(sigmas) != plan.steps + 1 or not bool((sigmas[:-1] > sigmas[1:]).all()):
+        raise PluginError(f"schedule '{schedule.name}' gave {len(sigmas)} sigmas for {plan.steps} "
+                          "steps or they do not decrease")
+    # Metrics are created per cell and fed batch by batch
+    ctx = MetricContext(cell.model, denoiser, config.num_samples, config.seed, device, cache)
+    states = {name: registry.get("metrics", name).create(ctx) for name in metric_names}
+    wall = model_s = metric_s = 0.0
+    nfe_counted, extra, nonfinite = set(), 0, 0
+    shape = tuple(model.shape)
+    batches = list(_batches(config.num_samples, config.batch_size))
+    for b, indices in enumerate(batches):
+        noise = SampleNoise(config.seed, indices, shape, device)
+        eps = noise()
+        counted.reset()
+        # Sample, timing the whole solve and the model inside it
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            x0 = sampler.sample(model, eps * sigmas[0], sigmas, noise=noise, **{**options, **plan.options})
+        synchronize(device)
+        wall += time.perf_counter() - start
+        model_s += counted.model_s
+        nfe_counted.add(counted.nfe)
+        extra = max(extra, counted.extra)
+        # Reject non-finite samples, then feed the metrics
+        bad = int((~torch.isfinite(x0.reshape(len(x0), -1))).any(1).sum())
+        nonfinite += bad
+        if bad:
+            raise FloatingPointError(f"non-finite samples (NaN/inf): {bad} of {len(x0)} in batch {b}")
+        start = time.perf_counter()
+        batch = Batch(x0=x0.float(), eps=eps, indices=indices, sigma_max=float(sigmas[0]))
+        for state in states.values():
+            state.update(batch)
+        metric_s += time.perf_counter() - start
+        if on_batch:
+            on_batch(cell.id, b + 1, len(batches))
+    metrics = {}
+    for name, state in states.items():
+        for key, value in state.result().items():
+            if not math.isfinite(value.value):
+                raise FloatingPointError(f"metric '{name}' returned {value.value} for '{key}'")
+            metrics[key] = value.to_json()
+    if len(nfe_counted) != 1:
+        raise PluginError(f"sampler spent different NFE on different batches: {sorted(nfe_counted)}")
+    counted_nfe = nfe_counted.pop()
+    out = {
+        "status": "ok",
+        "nfe_counted": counted_nfe,
+        "nfe_extra": extra,
+        "wall_s": wall,
+        "model_s": model_s,
+        "overhead_s": wall - model_s,
+        "metric_s": metric_s,
+        "metrics": metrics,
+        "sigmas": [round(float(s), 6) for s in sigmas],
+    }
+    if counted_nfe != plan.nfe:
+        out["reason"] = f"planner promised {plan.nfe} NFE, sampler spent {counted_nfe}"
+    return out

@@ -1,0 +1,1 @@
+"""bench-classic: the classic diffusion samplers and schedules for sampler-bench."""
