@@ -41,6 +41,7 @@ class Denoiser(torch.nn.Module):
     shape: tuple[int, int, int] = (1, 8, 8)
     net: torch.nn.Module | None = None
     has_bottleneck: bool = False
+    spec: str = ""  # the model spec it was loaded from (set by the runner), for cache keys
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -110,6 +111,9 @@ class Sampler:
     `plan(nfe, options)` maps a budget to a Plan or raises `bench.errors.Infeasible`.
     `nfe_rule` is the one-line rule shown by `bench list`, e.g. "NFE = steps".
     `options` holds every option the sampler accepts, with its default.
+    `prepare(denoiser, sigmas, options) -> dict`, if given, runs once per cell before
+    sampling (e.g. fitting or loading a learned predictor); it returns extra sample options.
+    Its network calls are counted apart (`prepare_nfe`, `prepare_s`), never in the budget.
     """
 
     name: str
@@ -120,6 +124,7 @@ class Sampler:
     default_schedule: str = "karras"
     stochastic: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    prepare: Callable[..., Mapping[str, Any]] | None = None
 
 
 # --- Schedule -------------------------------------------------------------------------

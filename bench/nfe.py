@@ -33,6 +33,7 @@ class CountingDenoiser(Denoiser):
         self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
         self.sigma_data, self.shape = inner.sigma_data, tuple(inner.shape)
         self.net = inner.net
+        self.spec, self.has_bottleneck = inner.spec, inner.has_bottleneck
         self.nfe = 0
         self.extra = 0
         self.model_s = 0.0

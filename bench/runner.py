@@ -177,7 +177,12 @@ def load_model(registry: Registry, spec: str, device: torch.device) -> Denoiser:
     except Exception as exc:
         raise ModelLoadError(f"model '{spec}' failed to load: {type(exc).__name__}: {exc}") from exc
     check_denoiser(denoiser)
-    return denoiser.to(device).eval()
+    denoiser.spec = spec
+    denoiser = denoiser.to(device).eval()
+    # One untimed call, so the first cell does not pay for lazy initialisation
+    with torch.inference_mode():
+        denoiser(torch.zeros(1, *denoiser.shape, device=device), denoiser.sigma_max)
+    return denoiser
 
 
 def validate(registry: Registry, config: RunConfig) -> None:
@@ -326,6 +331,15 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
     if len(sigmas) != plan.steps + 1 or not bool((sigmas[:-1] > sigmas[1:]).all()):
         raise PluginError(f"schedule '{schedule.name}' gave {len(sigmas)} sigmas for {plan.steps} "
                           "steps or they do not decrease")
+    # A sampler's own preparation (e.g. fitting a predictor), counted apart from the budget
+    prepared: dict[str, Any] = {}
+    if sampler.prepare is not None:
+        fit = CountingDenoiser(denoiser)
+        start = time.perf_counter()
+        prepared = dict(sampler.prepare(fit, sigmas, {**options, **plan.options}))
+        prep = {"prepare_nfe": fit.nfe, "prepare_s": time.perf_counter() - start}
+    else:
+        prep = {}
     # Metrics are created per cell and fed batch by batch
     ctx = MetricContext(cell.model, denoiser, config.num_samples, config.seed, device, cache)
     states = {name: registry.get("metrics", name).create(ctx) for name in metric_names}
@@ -341,7 +355,8 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
         synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            x0 = sampler.sample(model, eps * sigmas[0], sigmas, noise=noise, **{**options, **plan.options})
+            x0 = sampler.sample(model, eps * sigmas[0], sigmas, noise=noise,
+                                **{**options, **plan.options, **prepared})
         synchronize(device)
         wall += time.perf_counter() - start
         model_s += counted.model_s
@@ -378,6 +393,7 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
         "metric_s": metric_s,
         "metrics": metrics,
         "sigmas": [round(float(s), 6) for s in sigmas],
+        **prep,
     }
     if counted_nfe != plan.nfe:
         out["reason"] = f"planner promised {plan.nfe} NFE, sampler spent {counted_nfe}"

@@ -1,0 +1,129 @@
+"""Adapters: any network parameterization wrapped into the Denoiser contract at the edge.
+
+Karras et al. (2022), Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
+`Preconditioned` covers continuous-time EDM, VP and VE networks; `DiscreteVP` covers
+DDPM-style networks on integer timesteps with alphas_cumprod (eps, v or x0 prediction).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .contracts import Denoiser
+from .errors import UsageError
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+NetFn = Callable[..., Tensor]
+
+
+def vp_output(x_vp: Tensor, f: Tensor, sigma: Tensor, prediction: str) -> Tensor:
+    """x0 from a VP network's output F at x_vp = x / sqrt(1 + sigma^2).
+
+    With alpha_bar = 1 / (1 + sigma^2): eps -> x0 = (x_vp - sqrt(1 - a) eps) / sqrt(a);
+    v -> x0 = sqrt(a) x_vp - sqrt(1 - a) v; sample -> x0 = F.
+    """
+    s = sigma.reshape(-1, *([1] * (x_vp.ndim - 1)))
+    root = torch.sqrt(1 + s**2)
+    if prediction == "epsilon":
+        return x_vp * root - s * f
+    if prediction == "v_prediction":
+        return (x_vp - s * f) / root
+    if prediction == "sample":
+        return f
+    raise UsageError(f"unknown prediction '{prediction}'; use one of {', '.join(PREDICTIONS)}")
+
+
+class Preconditioned(Denoiser):
+    """A continuous-time network `net(x_in, c_noise, **cond)` with EDM, VP or VE
+    preconditioning (EDM's EDMPrecond / VPPrecond / VEPrecond)."""
+
+    def __init__(self, net: torch.nn.Module, kind: str, shape, *, sigma_data: float = 0.5,
+                 prediction: str = "epsilon", sigma_min: float | None = None,
+                 sigma_max: float | None = None, beta_d: float = 19.9, beta_min: float = 0.1,
+                 M: int = 1000, epsilon_t: float = 1e-5) -> None:
+        super().__init__()
+        if kind not in ("edm", "vp", "ve"):
+            raise UsageError(f"unknown preconditioning '{kind}'; use edm, vp or ve")
+        self.net, self.kind, self.shape, self.prediction = net, kind, tuple(shape), prediction
+        self.sigma_data, self.beta_d, self.beta_min, self.M = sigma_data, beta_d, beta_min, M
+        default_min, default_max = {
+            "edm": (0.002, 80.0),
+            "vp": (self.vp_sigma(epsilon_t), self.vp_sigma(1.0)),
+            "ve": (0.02, 100.0),
+        }[kind]
+        self.sigma_min = sigma_min if sigma_min is not None else default_min
+        self.sigma_max = sigma_max if sigma_max is not None else default_max
+
+    def vp_sigma(self, t: float) -> float:
+        return math.sqrt(math.exp(0.5 * self.beta_d * t**2 + self.beta_min * t) - 1)
+
+    def vp_sigma_inv(self, sigma: Tensor) -> Tensor:
+        return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+        if self.kind == "edm":
+            # EDM: c_skip x + c_out F(c_in x, ln(sigma) / 4)
+            sd = self.sigma_data
+            c_skip = sd**2 / (s**2 + sd**2)
+            c_out = s * sd / (s**2 + sd**2).sqrt()
+            c_in = 1 / (sd**2 + s**2).sqrt()
+            return c_skip * x + c_out * self.net(c_in * x, sigma.log() / 4, **cond)
+        if self.kind == "vp":
+            # VP: the network sees x_vp and (M - 1) t(sigma); its output is eps, v or x0
+            x_vp = x / (1 + s**2).sqrt()
+            f = self.net(x_vp, (self.M - 1) * self.vp_sigma_inv(sigma), **cond)
+            return vp_output(x_vp, f, sigma, self.prediction)
+        # VE: x + sigma F(x, ln(sigma / 2))
+        return x + s * self.net(x, (0.5 * sigma).log(), **cond)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "preconditioning": self.kind, "prediction": self.prediction}
+
+
+class DiscreteVP(Denoiser):
+    """A DDPM-style network `net_fn(x_vp, t, **cond)` on integer timesteps t = 0..T-1.
+
+    sigma_t = sqrt((1 - a_t) / a_t) for alphas_cumprod a_t. A sigma is mapped to its
+    timestep by nearest neighbour in log sigma (`round_sigma` snaps to the same grid),
+    so the network only ever sees the timesteps it was trained on.
+    """
+
+    def __init__(self, net_fn: NetFn, alphas_cumprod: Tensor, shape, *,
+                 prediction: str = "epsilon", net: torch.nn.Module | None = None,
+                 sigma_data: float = 0.5) -> None:
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise UsageError(f"unknown prediction '{prediction}'; use one of {', '.join(PREDICTIONS)}")
+        self.net_fn, self.net, self.prediction = net_fn, net, prediction
+        self.shape, self.sigma_data = tuple(shape), sigma_data
+        a = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.register_buffer("discrete_sigmas", ((1 - a) / a).sqrt())  # increasing in t
+        self.sigma_min = float(self.discrete_sigmas[0])
+        self.sigma_max = float(self.discrete_sigmas[-1])
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Index of the nearest trained sigma, in log space."""
+        log_sigmas = self.discrete_sigmas.log().to(sigma.device)
+        dist = (sigma.double().clamp_min(1e-12).log().reshape(-1, 1) - log_sigmas).abs()
+        return dist.argmin(dim=1)
+
+    def round_sigma(self, sigma: Tensor | float) -> Tensor:
+        sigma = torch.as_tensor(sigma)
+        t = self.sigma_to_t(sigma.reshape(-1))
+        return self.discrete_sigmas.to(sigma.device)[t].reshape(sigma.shape).to(sigma.dtype)
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        t = self.sigma_to_t(sigma)
+        sig = self.discrete_sigmas.to(x.device)[t].to(x.dtype)
+        x_vp = x / (1 + sig.reshape(-1, 1, 1, 1) ** 2).sqrt()
+        return vp_output(x_vp, self.net_fn(x_vp, t, **cond), sig, self.prediction)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "time": "discrete", "timesteps": len(self.discrete_sigmas),
+                "prediction": self.prediction}
