@@ -185,6 +185,21 @@ def load_model(registry: Registry, spec: str, device: torch.device) -> Denoiser:
     return denoiser
 
 
+def calibrate(denoiser: Denoiser, batch_size: int, device: torch.device, repeats: int = 5) -> float:
+    """Median seconds of one forward pass at the run's batch size: the unit in which
+    `bench check` judges speed, since absolute times differ between machines."""
+    x = torch.zeros(batch_size, *denoiser.shape, device=device)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first call warms up and is not counted
+            synchronize(device)
+            start = time.perf_counter()
+            denoiser(x, denoiser.sigma_max / 2)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
 def validate(registry: Registry, config: RunConfig) -> None:
     """Every name and option exists before anything runs."""
     if config.num_samples < 1 or config.batch_size < 1:
@@ -236,6 +251,7 @@ def run(
     new: list[dict[str, Any]] = []
     for model_spec in config.models:
         denoiser = load_model(registry, model_spec, device)
+        calibration_s = calibrate(denoiser, min(config.batch_size, config.num_samples), device)
         source = registry.get("models", model_spec.partition(":")[0])
         metric_names = config.metrics or list(source.default_metrics)
         cache: dict[Any, Any] = {}
@@ -253,7 +269,7 @@ def run(
                         on_cell(cell, done[cell.id])
                     continue
                 record = run_cell(registry, config, cell, denoiser, metric_names, cache, device, on_batch)
-                record.update(cell_id=cell.id, environment=env)
+                record.update(cell_id=cell.id, environment=env, calibration_s=calibration_s)
                 append_record(out / RESULTS, record)
                 new.append(record)
                 if on_cell:
