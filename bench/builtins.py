@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from . import hookimpl
 from .contracts import ModelSource
+from .loaders import SOURCES as CHECKPOINT_SOURCES
 from .metrics import METRICS
 from .models import gaussian, mixture, parse_shape
 from .reports import REPORTERS
@@ -34,6 +35,8 @@ def register_models(register):
         "analytic single Gaussian, closed-form ODE solution (gaussian[:CxHxW])",
         default_metrics=("fd", "rmse"),
     ))
+    for source in CHECKPOINT_SOURCES:
+        register(source)
 
 
 @hookimpl

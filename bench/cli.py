@@ -58,6 +58,7 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
         metrics=split_specs(args.metrics) if args.metrics else None,
         out=args.out,
         command="bench " + shlex.join(sys.argv[1:]),
+        model_options={"trust_pickle": args.trust_pickle},
     )
     reporters = [registry.get("reporters", name) for name in split_specs(args.report)]
     n_cells = len(config.models) * len(config.methods) * len(config.nfe)
@@ -166,6 +167,8 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     p.add_argument("--report", default=DEFAULT_REPORTERS, help=f"reporters (default {DEFAULT_REPORTERS})")
     p.add_argument("--out", type=Path, default=None, help="run directory (default reports/<model>-<hash>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading pickled models (edm:...); pickles run code, so only files you trust")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="re-render the reports of a run from its results.jsonl")

@@ -86,6 +86,7 @@ class RunConfig:
     out: Path | None = None
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)  # e.g. trust_pickle; not identity
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -166,12 +167,15 @@ def resolve_device(name: str) -> torch.device:
 # --- Loading and validating ------------------------------------------------------------
 
 
-def load_model(registry: Registry, spec: str, device: torch.device) -> Denoiser:
-    """A model spec `name[:arg][;key=value]` through its registered ModelSource."""
+def load_model(registry: Registry, spec: str, device: torch.device,
+               options: dict[str, Any] | None = None) -> Denoiser:
+    """A model spec `name[:arg][;key=value]` through its registered ModelSource; run-wide
+    `options` (e.g. trust_pickle) reach the sources that declare them."""
     name, _, arg = spec.partition(":")
     source = registry.get("models", name)
+    given = {k: v for k, v in (options or {}).items() if k in source.options}
     try:
-        denoiser = source.load(arg or None, device=device)
+        denoiser = source.load(arg or None, device=device, **given)
     except (UsageError, ModelLoadError):
         raise
     except Exception as exc:
@@ -250,7 +254,7 @@ def run(
     done = {r["cell_id"]: r for r in read_records(out / RESULTS) if r.get("status") in FINAL}
     new: list[dict[str, Any]] = []
     for model_spec in config.models:
-        denoiser = load_model(registry, model_spec, device)
+        denoiser = load_model(registry, model_spec, device, config.model_options)
         calibration_s = calibrate(denoiser, min(config.batch_size, config.num_samples), device)
         source = registry.get("models", model_spec.partition(":")[0])
         metric_names = config.metrics or list(source.default_metrics)
