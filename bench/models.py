@@ -36,7 +36,7 @@ class GaussianMixture(Denoiser):
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         xf = x.double().reshape(len(x), -1)  # [B, D]
         if bool((sigma == sigma[0]).all()):
-            return self._shared_sigma(xf, float(sigma[0])).reshape(x.shape).to(x.dtype)
+            return self._shared_sigma(xf, sigma[0].double()).reshape(x.shape).to(x.dtype)
         s2 = sigma.double().reshape(-1, 1, 1) ** 2
         v = self.var.unsqueeze(0) + s2  # [B, K, D]
         # Responsibilities of the components given x
@@ -47,8 +47,9 @@ class GaussianMixture(Denoiser):
         e = self.mu + self.var / v * diff
         return (r.unsqueeze(-1) * e).sum(1).reshape(x.shape).to(x.dtype)
 
-    def _shared_sigma(self, x: Tensor, sigma: float) -> Tensor:
-        """The same formula with one sigma for the batch, written as matrix products."""
+    def _shared_sigma(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """The same formula with one sigma for the batch, written as matrix products
+        (sigma stays a tensor, so the result is differentiable in it)."""
         v = self.var + sigma**2  # [K, D]
         inv = 1 / v
         # (x - mu)^2 / v summed over D, expanded into products
