@@ -215,7 +215,7 @@ def validate(registry: Registry, config: RunConfig) -> None:
     for method in config.methods:
         sampler = registry.get("samplers", method.sampler.name)
         resolve_options("sampler", sampler.name, sampler.options, dict(method.sampler.options))
-        schedule = registry.get("schedules", (method.schedule or Spec(sampler.default_schedule)).name)
+        schedule = registry.get("schedules", (method.schedule or Spec.parse(sampler.default_schedule)).name)
         if method.schedule is not None:
             resolve_options("schedule", schedule.name, schedule.options, dict(method.schedule.options))
         for mod in method.modifiers:
@@ -299,7 +299,7 @@ def run_cell(
     """One cell, measured; never raises for a sampler's or metric's failure."""
     method = cell.method
     sampler = registry.get("samplers", method.sampler.name)
-    sched_spec = method.schedule or Spec(sampler.default_schedule)
+    sched_spec = method.schedule or Spec.parse(sampler.default_schedule)
     schedule = registry.get("schedules", sched_spec.name)
     record: dict[str, Any] = {
         "model": cell.model,
