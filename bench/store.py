@@ -44,15 +44,20 @@ CSV_COLUMNS = [
     "device",
 ]
 
+INT_COLUMNS = ["nfe", "nfe_counted", "nfe_extra", "steps", "num_samples", "batch_size", "seed"]
+
 # Records that a rerun keeps; failed cells are retried.
 FINAL = ("ok", "infeasible")
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line in a single write, then fsync."""
+    """Append one JSON line in a single write, then fsync; a torn last line stays alone."""
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # the previous writer died mid-line
         os.write(fd, line)
         os.fsync(fd)
     finally:
@@ -116,7 +121,8 @@ class Run:
             rows.append(row)
         frame = pd.DataFrame(rows)
         extra = [c for c in frame.columns if c not in CSV_COLUMNS]
-        return frame.reindex(columns=CSV_COLUMNS + extra)
+        frame = frame.reindex(columns=CSV_COLUMNS + extra)
+        return frame.astype({c: "Int64" for c in INT_COLUMNS})
 
 
 def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,73 @@
+"""Plugin discovery through real distribution metadata (entry points on sys.path)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.errors import PluginError
+from bench.plugins import load_registry
+
+GOOD = """
+import bench
+from bench import Plan, Sampler
+
+def sample(model, x, sigmas, *, noise=None, callback=None, **_):
+    for i in range(len(sigmas) - 1):
+        x = x + (sigmas[i + 1] - sigmas[i]) * (x - model(x, sigmas[i])) / sigmas[i]
+    return x
+
+@bench.hookimpl
+def register_samplers(register):
+    register(Sampler("{name}", sample, lambda nfe, o: Plan(nfe, nfe), "NFE = steps", "test sampler"))
+"""
+
+
+def test_third_party_sampler_is_discovered(plugin_site):
+    plugin_site("bench-thirdparty", GOOD.format(name="third-euler"), version="2.5")
+    registry = load_registry()
+    assert "third-euler" in registry.names("samplers")
+    assert registry.version_of("samplers", "third-euler") == "bench-thirdparty==2.5"
+    # Built-ins come through the same entry-point group
+    assert registry.version_of("models", "mixture").startswith("sampler-bench==")
+    info = next(p for p in registry.plugins if p.dist == "bench-thirdparty")
+    assert info.registered == {"samplers": ["third-euler"]} and info.error is None
+
+
+def test_broken_plugins_are_reported_and_the_rest_work(plugin_site):
+    plugin_site("bench-broken-import", "import does_not_exist_anywhere\n")
+    plugin_site("bench-misspelled", "import bench\n@bench.hookimpl\ndef register_sampler(register):\n    pass\n")
+    plugin_site("bench-raises", "import bench\n@bench.hookimpl\ndef register_samplers(register):\n    1 / 0\n")
+    plugin_site("bench-fine", GOOD.format(name="fine-euler"))
+    registry = load_registry()
+    errors = {p.dist: p.error for p in registry.plugins}
+    assert "ModuleNotFoundError" in errors["bench-broken-import"]
+    assert "register_sampler" in errors["bench-misspelled"]
+    assert "ZeroDivisionError" in errors["bench-raises"]
+    assert errors["bench-fine"] is None
+    assert "fine-euler" in registry.names("samplers")
+    assert "euler" in registry.names("samplers")
+
+
+def test_name_clash_names_both_distributions(plugin_site):
+    plugin_site("bench-clash-a", GOOD.format(name="twin"))
+    plugin_site("bench-clash-b", GOOD.format(name="twin"))
+    with pytest.raises(PluginError) as info:
+        load_registry()
+    message = str(info.value)
+    assert "twin" in message and "bench-clash-a" in message and "bench-clash-b" in message
+
+
+def test_wrong_type_is_rejected(plugin_site):
+    plugin_site("bench-wrongtype", "import bench\n@bench.hookimpl\ndef register_samplers(register):\n    register('euler')\n")
+    with pytest.raises(PluginError, match="expected bench.Sampler"):
+        load_registry()
+
+
+def test_bench_plugins_restricts_loading(plugin_site, monkeypatch):
+    plugin_site("bench-only-me", GOOD.format(name="only-me"))
+    monkeypatch.setenv("BENCH_PLUGINS", "bench-only-me")
+    registry = load_registry()
+    assert registry.names("samplers") == ["only-me"]
+    assert "mixture" in registry.names("models")  # the host's built-ins always load
+    dists = {p.dist for p in registry.plugins}
+    assert "bench-classic" not in dists
