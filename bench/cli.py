@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -13,13 +14,28 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .compare import (
+    baseline_path,
+    compare_runs,
+    failures,
+    format_comparison,
+    load,
+    parse_tolerance,
+    read_baseline,
+    run_argv,
+    tolerances_from_json,
+    write_baseline,
+)
 from .errors import BenchError, UsageError
 from .plugins import Registry, load_registry
 from .runner import Method, RunConfig, Spec, parse_nfe, run
 from .store import Run
 
 DEFAULT_MODEL = "mixture"
-DEFAULT_REPORTERS = "console,csv,markdown"
+DEFAULT_REPORTERS = "console,csv,markdown,html"
+# The `bench run` options a baseline stores, so that `bench check` can rerun it
+RUN_OPTIONS = ("model", "samplers", "nfe", "schedule", "modifiers", "num_samples", "batch_size",
+               "seed", "metrics", "device")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -144,6 +160,57 @@ def cmd_list(registry: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(registry: Registry, args: argparse.Namespace) -> int:
+    base = load(args.base)
+    cells = compare_runs(base, load(args.head), tolerances(args, None), args.alpha)
+    print(format_comparison(cells), end="")
+    return 0
+
+
+def tolerances(args: argparse.Namespace, baseline: dict | None):
+    """A baseline's tolerances, overridden by --tolerance METRIC:rel=R:abs=A."""
+    tol = tolerances_from_json((baseline or {}).get("tolerances"))
+    return tol | dict(parse_tolerance(t) for t in args.tolerance)
+
+
+def rerun(registry: Registry, options: dict, out_dir: Path | None, reporters: str) -> Run:
+    """`bench run` with stored options into `out_dir` (a fresh temporary one by default)."""
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="bench-"))
+    argv = ["run", *run_argv(options), "--out", str(out_dir), "--quiet", "--report", reporters]
+    err.print(f"running: bench {shlex.join(argv)}")
+    args = build_parser(registry).parse_args(argv)
+    args.func(registry, args)  # failed cells are judged by the comparison, not here
+    return Run.open(out_dir)
+
+
+def cmd_check(registry: Registry, args: argparse.Namespace) -> int:
+    path = baseline_path(args.baseline)
+    baseline = read_baseline(path)
+    head = load(args.run_dir) if args.run_dir else rerun(registry, baseline["run"], args.out, "csv")
+    cells = compare_runs(load(path), head, tolerances(args, baseline), args.alpha)
+    print(format_comparison(cells), end="")
+    bad = failures(cells, strict=args.strict)
+    if bad:
+        print(f"\ncheck FAILED against {path}: {len(bad)} regression(s) beyond tolerance:", file=sys.stderr)
+        print("\n".join(f"  {line}" for line in bad), file=sys.stderr)
+        return 1
+    if not any(c.changes for c in cells):
+        print(f"\ncheck FAILED: no cell of {path} was comparable; regenerate it with "
+              f"`bench baseline update {path.stem}`", file=sys.stderr)
+        return 1
+    print(f"\ncheck passed against {path}: no cell worse beyond its tolerance")
+    return 0
+
+
+def cmd_baseline(registry: Registry, args: argparse.Namespace) -> int:
+    run_args = build_parser(registry).parse_args(["run", *args.run_args])
+    options = {key: getattr(run_args, key) for key in RUN_OPTIONS}
+    result = rerun(registry, options, args.out, DEFAULT_REPORTERS)
+    path = write_baseline(result, baseline_path(args.name), options)
+    out.print(f"baseline written: {path} ({len(result.records)} cells; run in {result.dir})")
+    return 0
+
+
 def build_parser(registry: Registry) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench", description="Benchmark diffusion samplers: quality, counted NFE, wall-clock."
@@ -184,9 +251,36 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", choices=list(registry.items))
     p.set_defaults(func=cmd_list)
 
+    p = sub.add_parser("compare", help="per cell: better / worse / newly failing / fixed / not comparable")
+    p.add_argument("base", type=Path, help="run directory or baseline .json")
+    p.add_argument("head", type=Path, help="run directory or baseline .json")
+    add_judging_arguments(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("check", help="rerun (or read) a run; exit 1 if a cell is worse than the baseline")
+    p.add_argument("run_dir", nargs="?", type=Path, help="a run to judge (default: rerun the baseline's)")
+    p.add_argument("--baseline", required=True, help="baselines/NAME.json, or NAME")
+    p.add_argument("--out", type=Path, default=None, help="where the rerun goes (default: a temporary dir)")
+    p.add_argument("--strict", action="store_true", help="also fail on cells not comparable or missing")
+    add_judging_arguments(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("baseline", help="`bench baseline update NAME [run options]`: baselines/NAME.json")
+    p.add_argument("action", choices=["update"])
+    p.add_argument("name", help="NAME for baselines/NAME.json, or a path ending in .json")
+    p.add_argument("--out", type=Path, default=None, help="where the run goes (default: a temporary dir)")
+    p.add_argument("run_args", nargs=argparse.REMAINDER, help="`bench run` options, e.g. --nfe 5,10")
+    p.set_defaults(func=cmd_baseline)
+
     if registry.pm is not None:
         registry.pm.hook.register_commands(subparsers=sub)
     return parser
+
+
+def add_judging_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tolerance", action="append", default=[], metavar="METRIC:rel=R[:abs=A]",
+                   help="a change counts beyond max(A, R*|base|); 'wall' is speed (repeatable)")
+    p.add_argument("--alpha", type=float, default=0.05, help="level of the z-test on reported spreads")
 
 
 def main(argv: list[str] | None = None) -> int:

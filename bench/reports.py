@@ -6,7 +6,10 @@ Every table has one row per method and one column per NFE budget; a cell shows t
 
 from __future__ import annotations
 
+import base64
+import io
 import math
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +40,42 @@ def cell_text(record: dict[str, Any], key: str) -> str:
     return fmt(record.get(key))
 
 
+# Record fields tabulated after the metrics, with their titles
+TIMING_KEYS = [
+    ("wall_s", "wall-clock s (sampling)"),
+    ("model_s", "s inside the model"),
+    ("nfe_counted", "NFE counted"),
+]
+
+
+def by_model(run: Run) -> dict[str, list[dict[str, Any]]]:
+    """The run's records grouped by model, in run order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in run.records:
+        groups.setdefault(r["model"], []).append(r)
+    return groups
+
+
+def grid_frame(records: list[dict[str, Any]], text) -> pd.DataFrame:
+    """A method x NFE frame whose cells are `text(record)`."""
+    budgets = sorted({r["nfe"] for r in records})
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    frame = pd.DataFrame("", index=methods, columns=[f"NFE {b}" for b in budgets])
+    for r in records:
+        frame.loc[r["method"], f"NFE {r['nfe']}"] = text(r)
+    frame.index.name = "method"
+    return frame
+
+
 def tables(run: Run) -> list[tuple[str, pd.DataFrame]]:
     """(title, method x NFE frame of strings) for each metric, wall-clock and counted NFE."""
-    keys = [(m, _metric_title(run, m)) for m in run.metric_names()]
-    keys += [("wall_s", "wall-clock s (sampling)"), ("model_s", "s inside the model"),
-             ("nfe_counted", "NFE counted")]
+    keys = [(m, _metric_title(run, m)) for m in run.metric_names()] + TIMING_KEYS
+    groups = by_model(run)
     out = []
-    for model in dict.fromkeys(r["model"] for r in run.records):
-        records = [r for r in run.records if r["model"] == model]
-        budgets = sorted({r["nfe"] for r in records})
-        methods = list(dict.fromkeys(r["method"] for r in records))
+    for model, records in groups.items():
+        prefix = f"{model}: " if len(groups) > 1 else ""
         for key, title in keys:
-            frame = pd.DataFrame("", index=methods, columns=[f"NFE {b}" for b in budgets])
-            for r in records:
-                frame.loc[r["method"], f"NFE {r['nfe']}"] = cell_text(r, key)
-            frame.index.name = "method"
-            prefix = f"{model}: " if len(set(r["model"] for r in run.records)) > 1 else ""
-            out.append((prefix + title, frame))
+            out.append((prefix + title, grid_frame(records, lambda r, k=key: cell_text(r, k))))
     return out
 
 
@@ -98,7 +120,7 @@ def _style(text: str) -> str:
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of a frame of strings, index first."""
     head = [frame.index.name or "", *map(str, frame.columns)]
-    rows = [[str(i), *map(str, row)] for i, row in zip(frame.index, frame.to_numpy())]
+    rows = [[str(i), *map(str, row)] for i, row in zip(frame.index, frame.to_numpy(), strict=True)]
     align = ["---"] + ["---:"] * len(frame.columns)
     return "\n".join("| " + " | ".join(r) + " |" for r in [head, align, *rows])
 
@@ -134,8 +156,217 @@ def render_markdown(run: Run, console: Console) -> Path:
     return path
 
 
+# --- HTML: one self-contained file, plots and sample grids inline -----------------------
+
+CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .6em 0; }
+th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+thead th { background: #f3f3f3; }
+pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
+.plots { display: flex; flex-wrap: wrap; gap: 1em; }
+.plots img { width: 540px; border: 1px solid #eee; }
+.grid img { image-rendering: pixelated; width: 160px; }
+.bad { color: #b00; } .dim { color: #888; }
+"""
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = False) -> list[int]:
+    """Indices of the (time, quality) points no other point beats on both, by time."""
+    sign = -1 if higher_is_better else 1
+    front, best = [], math.inf
+    for i in sorted(range(len(points)), key=lambda i: (points[i][0], sign * points[i][1])):
+        if sign * points[i][1] < best:
+            front.append(i)
+            best = sign * points[i][1]
+    return front
+
+
+def png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def figure_uri(fig) -> str:
+    """A matplotlib figure as an inline PNG, then closed."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return png_data_uri(buf.getvalue())
+
+
+def _ok_points(records: list[dict[str, Any]], metric: str) -> dict[str, list[dict[str, Any]]]:
+    """The ok records that report `metric`, grouped by method, ordered by budget."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(records, key=lambda r: r["nfe"]):
+        if r.get("status") == "ok" and metric in r.get("metrics", {}):
+            by_method.setdefault(r["method"], []).append(r)
+    return by_method
+
+
+def _axes(title: str, xlabel: str, ylabel: str, values: list[float]):
+    """A figure with labelled axes; log quality axis when values span two decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if values and min(values) > 0 and max(values) / min(values) > 100:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def plot_vs_nfe(records: list[dict[str, Any]], metric: str, title: str) -> str:
+    """Quality against NFE budget, one line per method, error bars where reported."""
+    groups = _ok_points(records, metric)
+    values = [r["metrics"][metric]["value"] for rs in groups.values() for r in rs]
+    fig, ax = _axes(f"{title} vs NFE", "NFE", metric, values)
+    for method, rs in groups.items():
+        vs = [r["metrics"][metric] for r in rs]
+        ax.errorbar(
+            [r["nfe"] for r in rs],
+            [v["value"] for v in vs],
+            marker="o",
+            capsize=3,
+            label=method,
+            yerr=[v.get("std") or 0 for v in vs],
+        )
+    ax.set_xticks(sorted({r["nfe"] for r in records}))
+    ax.legend(fontsize="small")
+    return figure_uri(fig)
+
+
+def plot_vs_wall(records: list[dict[str, Any]], metric: str, title: str) -> str:
+    """Quality against sampling wall-clock, each cell a point, the Pareto front marked."""
+    groups = _ok_points(records, metric)
+    cells = [r for rs in groups.values() for r in rs]
+    values = [r["metrics"][metric]["value"] for r in cells]
+    fig, ax = _axes(f"{title} vs wall-clock", "sampling wall-clock (s)", metric, values)
+    ax.set_xscale("log")
+    for method, rs in groups.items():
+        ax.plot([r["wall_s"] for r in rs], [r["metrics"][metric]["value"] for r in rs], "o", label=method)
+        for r in rs:
+            ax.annotate(
+                str(r["nfe"]),
+                (r["wall_s"], r["metrics"][metric]["value"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    # The Pareto front: no other cell is both faster and better
+    higher = bool(cells and cells[0]["metrics"][metric].get("higher_is_better"))
+    front = [
+        cells[i] for i in pareto_front([(r["wall_s"], v) for r, v in zip(cells, values, strict=True)], higher)
+    ]
+    ax.plot(
+        [r["wall_s"] for r in front],
+        [r["metrics"][metric]["value"] for r in front],
+        "k--",
+        drawstyle="steps-post",
+        marker="s",
+        mfc="none",
+        ms=11,
+        label="Pareto front",
+    )
+    ax.legend(fontsize="small")
+    return figure_uri(fig)
+
+
+def html_table(frame: pd.DataFrame, raw: bool = False, css: str = "") -> str:
+    """A frame of strings as an HTML table, index first, failed/infeasible cells styled.
+
+    With `raw` the cells are HTML already (inline images) and are not escaped.
+    """
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in [frame.index.name or "", *frame.columns])
+    rows = []
+    for index, row in zip(frame.index, frame.to_numpy(), strict=True):
+        cells = "".join(f"<td{_css_class(v)}>{v if raw else escape(str(v))}</td>" for v in row)
+        rows.append(f"<tr><th>{escape(str(index))}</th>{cells}</tr>")
+    attr = f' class="{css}"' if css else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _css_class(text: str) -> str:
+    return {"failed": ' class="bad"', "infeasible": ' class="dim"'}.get(text, "")
+
+
+def grid_image(run: Run, record: dict[str, Any]) -> str:
+    """A cell's sample grid (record field `grid`, relative to the run) as an inline image."""
+    path = run.dir / record["grid"] if record.get("grid") else None
+    if path is None or not path.is_file():
+        return ""
+    return f'<img src="{png_data_uri(path.read_bytes())}" alt="{escape(record["method"])}">'
+
+
+def environment_html(run: Run) -> str:
+    """The exact command, the environment and every plugin's version."""
+    cfg = run.config
+    env = cfg.get("environment", {})
+    calibration = [r["calibration_s"] for r in run.records if r.get("calibration_s")]
+    facts = {
+        "device": f"{env.get('device')} ({env.get('device_name')})",
+        "torch": env.get("torch"),
+        "python": env.get("python"),
+        "platform": env.get("platform"),
+        "commit": env.get("commit"),
+        "samples per cell": cfg.get("num_samples"),
+        "batch size": cfg.get("batch_size"),
+        "seed": cfg.get("seed"),
+        "model forward (calibration)": f"{min(calibration):.4g} s" if calibration else None,
+        **{f"plugin {d}": v for d, v in sorted(env.get("plugins", {}).items())},
+    }
+    rows = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v))}</td></tr>" for k, v in facts.items())
+    command = f"<pre>{escape(cfg['command'])}</pre>" if cfg.get("command") else ""
+    return f"<h2>Command and environment</h2>{command}<table><tbody>{rows}</tbody></table>"
+
+
+def render_html(run: Run, console: Console) -> Path:
+    """report.html: tables and plots per metric, sample grids, environment; self-contained."""
+    groups = by_model(run)
+    body = [f"<h1>sampler-bench run <code>{escape(run.dir.name)}</code></h1>", environment_html(run)]
+    for model, records in groups.items():
+        prefix = f"{model}: " if len(groups) > 1 else ""
+        # Per metric: the method x NFE table, quality vs NFE, quality vs wall-clock
+        for metric in dict.fromkeys(m for r in records for m in r.get("metrics", {})):
+            title = _metric_title(run, metric)
+            plots = [plot_vs_nfe(records, metric, metric), plot_vs_wall(records, metric, metric)]
+            body += [
+                f"<h2>{escape(prefix + title)}</h2>",
+                html_table(grid_frame(records, lambda r, k=metric: cell_text(r, k))),
+                '<div class="plots">'
+                + "".join(f'<img src="{p}" alt="{escape(metric)}">' for p in plots)
+                + "</div>",
+            ]
+        for key, title in TIMING_KEYS:
+            body += [
+                f"<h2>{escape(prefix + title)}</h2>",
+                html_table(grid_frame(records, lambda r, k=key: cell_text(r, k))),
+            ]
+        # The sample grids, where the run saved them
+        grids = grid_frame(records, lambda r: grid_image(run, r))
+        if any(v for v in grids.to_numpy().ravel()):
+            body += [f"<h2>{escape(prefix)}sample grids</h2>", html_table(grids, raw=True, css="grid")]
+    issues = problems(run)
+    if issues:
+        body += ["<h2>Cells that are not ok</h2><ul>"] + [f"<li>{escape(i)}</li>" for i in issues] + ["</ul>"]
+    page = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>sampler-bench '
+        f"{escape(run.dir.name)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
+    path = run.dir / "report.html"
+    path.write_text(page)
+    return path
+
+
 REPORTERS = [
     Reporter("console", render_console, "tables on the terminal (rich)"),
     Reporter("csv", render_csv, "results.csv: one row per cell, stable columns"),
     Reporter("markdown", render_markdown, "report.md: the tables, environment and problems"),
+    Reporter("html", render_html, "report.html: tables, plots, sample grids, environment (self-contained)"),
 ]
