@@ -40,13 +40,17 @@ def vp_output(x_vp: Tensor, f: Tensor, sigma: Tensor, prediction: str) -> Tensor
 
 class Preconditioned(Denoiser):
     """A continuous-time network `net(x_in, c_noise, **cond)` with EDM, VP or VE
-    preconditioning (EDM's EDMPrecond / VPPrecond / VEPrecond)."""
+    preconditioning (EDM's EDMPrecond / VPPrecond / VEPrecond).
+
+    With `has_bottleneck=True` the network accepts `return_bottleneck=True` and returns
+    `(F, feature)`; the denoiser then returns `(x0_hat, feature)` from that one call."""
 
     def __init__(self, net: torch.nn.Module, kind: str, shape, *, sigma_data: float = 0.5,
                  prediction: str = "epsilon", sigma_min: float | None = None,
                  sigma_max: float | None = None, beta_d: float = 19.9, beta_min: float = 0.1,
-                 M: int = 1000, epsilon_t: float = 1e-5) -> None:
+                 M: int = 1000, epsilon_t: float = 1e-5, has_bottleneck: bool = False) -> None:
         super().__init__()
+        self.has_bottleneck = has_bottleneck
         if kind not in ("edm", "vp", "ve"):
             raise UsageError(f"unknown preconditioning '{kind}'; use edm, vp or ve")
         self.net, self.kind, self.shape, self.prediction = net, kind, tuple(shape), prediction
@@ -65,7 +69,21 @@ class Preconditioned(Denoiser):
     def vp_sigma_inv(self, sigma: Tensor) -> Tensor:
         return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
 
-    def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, return_bottleneck: bool = False, **cond: Any):
+        if not return_bottleneck:
+            return self.precondition(x, sigma, self.net, **cond)
+        # One network call that also returns the bottleneck feature, passed through as is
+        feature = []
+
+        def net(*args: Any, **kwargs: Any) -> Tensor:
+            f, h = self.net(*args, return_bottleneck=True, **kwargs)
+            feature.append(h)
+            return f
+
+        return self.precondition(x, sigma, net, **cond), feature[0]
+
+    def precondition(self, x: Tensor, sigma: Tensor, net: NetFn, **cond: Any) -> Tensor:
+        """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) for this kind, F = `net`."""
         s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
         if self.kind == "edm":
             # EDM: c_skip x + c_out F(c_in x, ln(sigma) / 4)
@@ -73,14 +91,14 @@ class Preconditioned(Denoiser):
             c_skip = sd**2 / (s**2 + sd**2)
             c_out = s * sd / (s**2 + sd**2).sqrt()
             c_in = 1 / (sd**2 + s**2).sqrt()
-            return c_skip * x + c_out * self.net(c_in * x, sigma.log() / 4, **cond)
+            return c_skip * x + c_out * net(c_in * x, sigma.log() / 4, **cond)
         if self.kind == "vp":
             # VP: the network sees x_vp and (M - 1) t(sigma); its output is eps, v or x0
             x_vp = x / (1 + s**2).sqrt()
-            f = self.net(x_vp, (self.M - 1) * self.vp_sigma_inv(sigma), **cond)
+            f = net(x_vp, (self.M - 1) * self.vp_sigma_inv(sigma), **cond)
             return vp_output(x_vp, f, sigma, self.prediction)
         # VE: x + sigma F(x, ln(sigma / 2))
-        return x + s * self.net(x, (0.5 * sigma).log(), **cond)
+        return x + s * net(x, (0.5 * sigma).log(), **cond)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "preconditioning": self.kind, "prediction": self.prediction}
