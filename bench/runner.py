@@ -357,7 +357,9 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
         fit = CountingDenoiser(denoiser)
         start = time.perf_counter()
         prepared = dict(sampler.prepare(fit, sigmas, {**options, **plan.options}))
-        prep = {"prepare_nfe": fit.nfe, "prepare_s": time.perf_counter() - start}
+        prep = {"prepare_nfe": fit.nfe, "prepare_s": time.perf_counter() - start,
+                # what prepare chose (e.g. which predictor), where it is a plain value
+                "prepared": {k: v for k, v in prepared.items() if isinstance(v, (str, int, float, bool))}}
     else:
         prep = {}
     # Metrics are created per cell and fed batch by batch

@@ -1,0 +1,111 @@
+"""Fitted predictors on disk: safetensors files keyed by everything that shapes a fit.
+
+The key holds the model spec and a fingerprint of its weights and description, the
+schedule's sigmas, the budget (with AFS), the sampler and its base options, the fit and
+predictor options, and this plugin's version. A file's name carries a digest of its key
+and its metadata the whole key, checked on loading: a file that cannot be read, holds
+non-finite weights or another key is refitted, never trusted. Predictors committed with
+the package (`bench_amed/fitted`) are looked up first, then the user cache
+($BENCH_CACHE/amed, default ~/.cache/sampler-bench/amed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .predictor import AMEDPredictor, PredictorConfig, weights_are_finite
+
+FORMAT = 1
+PACKAGED = Path(__file__).parent / "fitted"
+
+
+def cache_dir() -> Path:
+    """$BENCH_CACHE/amed, or ~/.cache/sampler-bench/amed."""
+    root = os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "sampler-bench"
+    return Path(root) / "amed"
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha1 of the model's description and of every weight and buffer, bit for bit."""
+    h = hashlib.sha1(json.dumps(model.describe(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(
+    model, sigmas, sampler: str, *, afs: bool, base_options: dict, fit_options: dict, predictor: dict
+) -> dict[str, Any]:
+    """Everything a fitted predictor depends on."""
+    return {
+        "format": FORMAT,
+        "plugin": f"bench-amed=={__version__}",
+        "sampler": sampler,
+        "model": getattr(model, "spec", "") or "",
+        "fingerprint": fingerprint(model),
+        "sigmas": [float(s) for s in sigmas.float().cpu()],
+        "nfe": 2 * (len(sigmas) - 1) - int(afs),
+        "afs": afs,
+        "base": base_options,
+        "fit": fit_options,
+        "predictor": predictor,
+    }
+
+
+def entry_name(key: dict[str, Any]) -> str:
+    return f"{key['sampler']}-nfe{key['nfe']}-{digest(key)[:16]}.safetensors"
+
+
+def save(path: Path, predictor: AMEDPredictor, key: dict[str, Any], stats: dict[str, Any]) -> Path:
+    """Write atomically: a temporary file in the same directory, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().float().contiguous() for k, v in predictor.state_dict().items()}
+    meta = {
+        "key": json.dumps(key, sort_keys=True),
+        "config": json.dumps(predictor.config.to_json()),
+        "stats": json.dumps(stats),
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: Path, key: dict[str, Any]) -> tuple[AMEDPredictor | None, str]:
+    """(predictor, "ok") or (None, why): "missing", "corrupt" or "stale"."""
+    if not path.is_file():
+        return None, "missing"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if json.loads(meta["key"]) != json.loads(json.dumps(key)):
+            return None, "stale"
+        predictor = AMEDPredictor(PredictorConfig(**json.loads(meta["config"])))
+        predictor.load_state_dict(tensors, strict=True)
+    except Exception:  # unreadable, truncated, wrong shapes, bad metadata: refit
+        return None, "corrupt"
+    if not weights_are_finite(predictor):
+        return None, "corrupt"
+    return predictor.eval().requires_grad_(False), "ok"
+
+
+def stats_of(path: Path) -> dict[str, Any]:
+    """The fit statistics stored with a predictor."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("stats", "{}"))

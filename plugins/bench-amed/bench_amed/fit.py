@@ -1,0 +1,145 @@
+"""The AMED fit: distillation from a teacher solve on a finer grid (Zhou et al., CVPR 2024,
+Sec. 3.3; diff-sampler's training loop).
+
+The teacher (Heun by default) runs from the same x_T through `teacher_m` extra sigmas per
+student interval, placed uniformly in sigma^(1/7) (exactly the finer polynomial
+schedule when the student's is polynomial with rho = 7), and is read at the student's
+sigmas. For interval i the student takes one AMED interval and the loss is
+|| x_student(sigma_{i+1}) - x_teacher(sigma_{i+1}) ||^2 (summed over pixels, mean over the
+batch); Adam takes one step per interval. Single-step bases start each interval from the
+teacher's point; multistep bases (iPNDM, DPM-Solver++) chain their own outputs and history.
+Deterministic given `seed`: the predictor's initialisation and the fit's noise come from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from bench_classic.samplers import sample_euler, sample_heun
+from torch import Tensor
+
+from bench.errors import UsageError
+
+from .predictor import AMEDPredictor, PredictorConfig, bottleneck_summary
+from .solvers import amed_interval
+
+TEACHERS = {"heun": sample_heun, "euler": sample_euler}
+LR = 5e-3  # Adam, as in the paper
+RHO = 7.0  # the teacher's grid refines the schedule in sigma^(1/RHO)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How a predictor is fitted; every field is part of the cache key."""
+
+    teacher: str = "heun"
+    teacher_m: int = 3  # teacher sigmas inserted inside each student interval
+    samples: int = 1000  # teacher trajectories
+    batch: int = 100
+    seed: int = 20240601  # apart from run seeds, so the fit never sees a run's noise
+    lr: float = LR
+
+    def __post_init__(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise UsageError(f"unknown AMED teacher '{self.teacher}'; use {' or '.join(TEACHERS)}")
+        if self.teacher_m < 0 or self.samples < 1 or self.batch < 1:
+            raise UsageError("AMED teacher_m must be >= 0, fit_samples and fit_batch >= 1")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def refine(sigmas: Tensor, m: int, rho: float = RHO) -> Tensor:
+    """The teacher's grid: `m` sigmas inside each interval, uniform in sigma^(1/rho), through
+    every student sigma exactly."""
+    s = sigmas.double()
+    lo, hi = s[1:] ** (1 / rho), s[:-1] ** (1 / rho)
+    frac = torch.arange(1, m + 1, dtype=torch.float64, device=s.device) / (m + 1)
+    inner = (hi[:, None] + frac[None, :] * (lo - hi)[:, None]) ** rho  # [intervals, m]
+    fine = torch.cat([s[:-1, None], inner], dim=1).reshape(-1)
+    return torch.cat([fine, s[-1:]]).to(sigmas.dtype)
+
+
+def teacher_points(model, x_T: Tensor, sigmas: Tensor, options: FitOptions) -> list[Tensor]:
+    """The teacher's solution at each student sigma: [x_T, x(sigma_1), ..., x(sigma_min)]."""
+    stride = options.teacher_m + 1
+    points = [x_T]
+
+    def keep(info) -> None:
+        if (info["i"] + 1) % stride == 0:
+            points.append(info["x"])
+
+    TEACHERS[options.teacher](model, x_T, refine(sigmas, options.teacher_m), callback=keep)
+    return points
+
+
+def feature_dim(model, sigma: float, device) -> int:
+    """Size of the pooled bottleneck (one counted call on a single zero input)."""
+    x = torch.zeros(1, *model.shape, device=device)
+    with torch.no_grad():
+        _, raw = model(x, sigma, return_bottleneck=True)
+    return bottleneck_summary(raw).shape[1]
+
+
+Progress = Callable[[int, int], None]
+
+
+def fit_predictor(
+    model,
+    sigmas: Tensor,
+    base,
+    *,
+    afs: bool,
+    config: PredictorConfig,
+    options: FitOptions,
+    progress: Progress | None = None,
+) -> tuple[AMEDPredictor, dict]:
+    """Fit a predictor for `base` on the schedule `sigmas`; returns it and the fit's statistics."""
+    start = time.perf_counter()
+    device = sigmas.device
+    intervals = len(sigmas) - 1
+    # A deterministic initialisation and noise stream, both from the seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        predictor = AMEDPredictor(config).to(device)
+    gen = torch.Generator().manual_seed(options.seed)
+    params = [p for p in predictor.parameters()]
+    opt = torch.optim.Adam(params, lr=options.lr)
+    batches = -(-options.samples // options.batch)
+    losses = torch.zeros(batches, intervals, dtype=torch.float64)
+    for b in range(batches):
+        # Teacher trajectories from fresh noise, read at the student's sigmas
+        size = min(options.batch, options.samples - b * options.batch)
+        x_T = torch.randn(size, *model.shape, generator=gen).to(device) * sigmas[0]
+        with torch.no_grad():
+            target = teacher_points(model, x_T, sigmas, options)
+        # One optimizer step per interval, in order
+        hist = base.history(intervals)
+        x = x_T
+        for i in range(intervals):
+            x_cur = x.detach() if base.multistep else target[i]
+            hist.detach()
+            with torch.enable_grad():
+                x_next = amed_interval(
+                    model, x_cur, sigmas[i], sigmas[i + 1], base, predictor, hist, afs and i == 0
+                )
+                loss = (x_next.float() - target[i + 1].float()).pow(2).flatten(1).sum(1).mean()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = None if g is None else torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5)
+            opt.step()
+            losses[b, i] = float(loss.detach())
+            x = x_next
+            if progress is not None:
+                progress(b * intervals + i + 1, batches * intervals)
+    predictor.eval().requires_grad_(False)
+    stats = {
+        "fit_s": time.perf_counter() - start,
+        "loss_first_batch": losses[0].tolist(),
+        "loss_last_batch": losses[-1].tolist(),
+        "batches": batches,
+    }
+    return predictor, stats

@@ -1,0 +1,76 @@
+"""The registered AMED samplers: planner, options and the prepare stage of each."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from bench import Plan, Sampler
+from bench.errors import Infeasible
+
+from .prepare import prepare
+from .solvers import sample_amed
+
+# Options every AMED sampler has: the budget's AFS, the predictor's input, the fit
+COMMON = {
+    "afs": True,  # allow AFS, which is how odd budgets are met
+    "predictor": "auto",  # auto (bottleneck when the model has one), bottleneck or sigma-only
+    "teacher": "heun",
+    "teacher_m": 3,
+    "fit_samples": 1000,
+    "fit_batch": 100,
+    "fit_seed": 20240601,
+    "scale_dir": 0.01,
+    "scale_time": 0.2,
+}
+
+NFE_RULE = "NFE = 2*steps - AFS (AFS on odd budgets)"
+
+
+def plan_amed(nfe: int, options) -> Plan:
+    """Two calls per interval; AFS replaces the first call, which meets odd budgets (paper)."""
+    afs = nfe % 2 == 1
+    if afs and not options.get("afs", True):
+        raise Infeasible(f"AMED spends 2 NFE per interval; the odd budget {nfe} needs afs=true")
+    return Plan(steps=(nfe + 1) // 2, nfe=nfe, to_zero=False, options={"afs": afs})
+
+
+BASES: dict[str, str] = {}  # sampler name -> its base in `solvers.make_base`
+
+
+def amed_sampler(name: str, base: str, description: str, **extra) -> Sampler:
+    """A registered AMED sampler over `base`; its prepare loads or fits the predictor."""
+    BASES[name] = base
+    return Sampler(
+        name,
+        partial(sample_amed, base=base),
+        plan_amed,
+        NFE_RULE,
+        description,
+        options={**COMMON, **extra},
+        prepare=partial(prepare, name, base),
+    )
+
+
+SAMPLERS = [
+    amed_sampler(
+        "amed-solver", "amed", "AMED-Solver (Zhou et al. 2024): learned mean-value step, 2 NFE per interval"
+    ),
+    amed_sampler(
+        "amed-plugin-euler",
+        "euler",
+        "AMED-Plugin on Euler: learned intermediate point, Euler update twice per interval",
+    ),
+    amed_sampler(
+        "amed-plugin-ipndm",
+        "ipndm",
+        "AMED-Plugin on iPNDM: learned intermediate point, Adams-Bashforth update twice",
+        max_order=4,
+    ),
+    amed_sampler(
+        "amed-plugin-dpm++2m",
+        "dpm++2m",
+        "AMED-Plugin on DPM-Solver++(2M): learned intermediate point, 2M update twice",
+        lower_order_final=True,
+        scale_dir=0.05,
+    ),
+]
