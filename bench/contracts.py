@@ -39,7 +39,6 @@ class Denoiser(torch.nn.Module):
     sigma_max: float = 80.0
     sigma_data: float = 0.5
     shape: tuple[int, int, int] = (1, 8, 8)
-    net: torch.nn.Module | None = None
     has_bottleneck: bool = False
     spec: str = ""  # the model spec it was loaded from (set by the runner), for cache keys
 
@@ -49,6 +48,17 @@ class Denoiser(torch.nn.Module):
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         return super().__call__(x, sigma, **cond)
+
+    # A property, not a class attribute: a class-level `net = None` would shadow the
+    # submodule that nn.Module registers on `self.net = network`.
+    @property
+    def net(self) -> torch.nn.Module | None:
+        """The underlying network, for modifiers (a registered submodule), or None."""
+        return self._modules.get("net")
+
+    @net.setter
+    def net(self, value: torch.nn.Module | None) -> None:
+        self._modules["net"] = value
 
     def round_sigma(self, sigma: Tensor | float) -> Tensor:
         """The nearest sigma the model was trained on (identity for continuous time)."""

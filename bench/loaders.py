@@ -132,6 +132,11 @@ def reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:160]
 
 
+def open_url(url: str) -> Any:
+    """urlopen with a short timeout and an overall deadline; no retries."""
+    return with_deadline(lambda: urllib.request.urlopen(url, timeout=TIMEOUT_S), TIMEOUT_S)
+
+
 def fetch(url: str, dest: Path, what: str) -> Path:
     """`dest` if cached, else downloaded from `url` with a short timeout; errors in one line."""
     if dest.is_file():
@@ -142,7 +147,7 @@ def fetch(url: str, dest: Path, what: str) -> Path:
     # Connect within the deadline, then stream into a partial file renamed when complete
     part = dest.with_name(dest.name + ".part")
     try:
-        response = with_deadline(lambda: urllib.request.urlopen(url, timeout=TIMEOUT_S), TIMEOUT_S)
+        response = open_url(url)
         dest.parent.mkdir(parents=True, exist_ok=True)
         print(f"downloading {url} -> {dest}", file=sys.stderr)
         with response, open(part, "wb") as f:
@@ -383,9 +388,11 @@ def hf_snapshot(repo_id: str, what: str) -> Path:
     )
     if offline() or hub.constants.HF_HUB_OFFLINE:
         raise ModelLoadError(f"{what} is not cached and the Hugging Face hub is offline; {hint}")
-    # Online: list the repository, then fetch one layout's configs and one weights file
+    # Online: probe once (the hub client retries for long), list the repository, then
+    # fetch one layout's configs and one weights file
     try:
-        files = set(with_deadline(lambda: hub.list_repo_files(repo_id), TIMEOUT_S))
+        open_url(f"{hub.constants.ENDPOINT}/api/models/{repo_id}").close()
+        files = set(hub.list_repo_files(repo_id))
         prefix = "unet/" if "unet/config.json" in files else ""
         weights = next((prefix + w for w in WEIGHTS if prefix + w in files), None)
         if weights is None:
@@ -429,9 +436,16 @@ def read_scheduler(config_path: Path) -> Any:
     if cls is None or not hasattr(cls, "from_config"):
         cls = diffusers.DDPMScheduler
     scheduler = cls.from_config(config)
-    if getattr(scheduler, "alphas_cumprod", None) is None:
-        raise ModelLoadError(f"diffusers: scheduler {cls.__name__} has no alphas_cumprod (not discrete VP)")
+    if getattr(scheduler, "betas", None) is None:
+        raise ModelLoadError(f"diffusers: scheduler {cls.__name__} has no betas (not discrete VP)")
     return scheduler
+
+
+def alphas_cumprod(scheduler: Any) -> Tensor:
+    """prod(1 - beta) in float64 (diffusers' float32 product loses sigma_min's digits); a
+    zero-terminal-SNR end is floored at 2**-24 as diffusers' Euler schedulers do."""
+    a = torch.cumprod(1 - scheduler.betas.double(), dim=0)
+    return a.clamp_min(2.0**-24)
 
 
 def unet_fn(unet: torch.nn.Module, channels: int, label_dim: int, class_label: int | None):
@@ -465,7 +479,7 @@ def load_diffusers(arg: str | None, device=None, **_: Any) -> Denoiser:
     if opts["class"] is not None:
         class_indices(1, label_dim, opts["class"], "cpu")
     fn = unet_fn(unet, shape[0], label_dim, opts["class"])
-    return DiscreteVP(fn, scheduler.alphas_cumprod, shape, prediction=prediction, net=unet)
+    return DiscreteVP(fn, alphas_cumprod(scheduler), shape, prediction=prediction, net=unet)
 
 
 # --- Python factories -------------------------------------------------------------------
@@ -519,7 +533,10 @@ def load_weights(net: torch.nn.Module, path: str) -> None:
 
     if not Path(path).is_file():
         raise ModelLoadError(f"factory: no such weights file '{path}'")
-    result = net.load_state_dict(load_file(path), strict=False)
+    try:
+        result = net.load_state_dict(load_file(path), strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ModelLoadError(f"factory: weights {path} do not match the network: {reason(exc)}") from None
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(
             f"factory: weights {path} do not match the network: missing "
