@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from . import hookimpl
 from .contracts import ModelSource
+from .digits import SOURCES as DIGITS_SOURCES
+from .digits import add_train_command
 from .loaders import SOURCES as CHECKPOINT_SOURCES
 from .metrics import METRICS
 from .models import gaussian, mixture, parse_shape
@@ -37,12 +39,19 @@ def register_models(register):
     ))
     for source in CHECKPOINT_SOURCES:
         register(source)
+    for source in DIGITS_SOURCES:
+        register(source)
 
 
 @hookimpl
 def register_metrics(register):
     for metric in METRICS:
         register(metric)
+
+
+@hookimpl
+def register_commands(subparsers):
+    add_train_command(subparsers)
 
 
 @hookimpl
