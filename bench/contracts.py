@@ -166,12 +166,18 @@ class Modifier:
     """`apply(denoiser, **params) -> Denoiser`: transforms a model without changing samplers.
 
     It receives the NFE-counting denoiser, so every network call it makes is counted.
+    With `takes_cell`, apply also gets `cell={"model", "sampler", "schedule", "nfe"}` (specs
+    as strings), e.g. to look up settings tuned for that cell. The returned denoiser may set
+    `applied`, a one-line account of what it did (the factors it used, say): each cell
+    records it and reports show it. It may change `shape` (sampling at another resolution);
+    the budget then counts calls at the new shape, others are counted as extra.
     """
 
     name: str
     apply: Callable[..., Denoiser]
     description: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    takes_cell: bool = False
 
 
 # --- Model source ---------------------------------------------------------------------

@@ -25,6 +25,11 @@ class Infeasible(BenchError):
     """A sampler cannot spend exactly the requested NFE budget; the message says why."""
 
 
+class NotApplicable(Infeasible):
+    """A modifier cannot act on this model (skip-tuning on a network without UNet skips);
+    the runner records the cell as infeasible with the message."""
+
+
 class BudgetExceeded(BenchError):
     """A sampler called the network more often than its cell's budget allows."""
 

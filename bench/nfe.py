@@ -1,12 +1,16 @@
 """NFE counting: the harness, not the sampler, counts network evaluations.
 
 One call of the wrapped denoiser on a batch is one NFE. The counter sits directly on the
-model, under any modifiers, so extra network calls a modifier makes are counted too
-(calls at another resolution are tallied apart as `extra`).
+model, under any modifiers, so extra network calls a modifier makes are counted too.
+Calls at `count_shape` (the sampling resolution, which the runner sets after modifiers)
+spend the budget; calls at another resolution are tallied apart as `extra`, and as
+`extra_cost` in budget calls (pixels relative to count_shape, the FLOP ratio of a
+convolutional network).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -34,12 +38,14 @@ class CountingDenoiser(Denoiser):
         self.sigma_data, self.shape = inner.sigma_data, tuple(inner.shape)
         self.net = inner.net
         self.spec, self.has_bottleneck = inner.spec, inner.has_bottleneck
+        self.count_shape = self.shape
         self.nfe = 0
         self.extra = 0
+        self.extra_cost = 0.0
         self.model_s = 0.0
 
     def reset(self) -> None:
-        self.nfe, self.extra, self.model_s = 0, 0, 0.0
+        self.nfe, self.extra, self.extra_cost, self.model_s = 0, 0, 0.0, 0.0
 
     def round_sigma(self, sigma: Tensor | float) -> Tensor:
         return self.inner.round_sigma(sigma)
@@ -48,8 +54,8 @@ class CountingDenoiser(Denoiser):
         return self.inner.describe()
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        # Tally the call: calls at the model's own resolution spend the budget
-        if tuple(x.shape[1:]) == self.shape:
+        # Tally the call: calls at the sampling resolution spend the budget
+        if tuple(x.shape[1:]) == self.count_shape:
             if self.budget is not None and self.nfe >= self.budget:
                 raise BudgetExceeded(
                     f"sampler made network call {self.nfe + 1} on a budget of {self.budget} NFE"
@@ -57,6 +63,7 @@ class CountingDenoiser(Denoiser):
             self.nfe += 1
         else:
             self.extra += 1
+            self.extra_cost += x[0].numel() / math.prod(self.count_shape)
         # Time the network itself
         synchronize(x.device)
         start = time.perf_counter()

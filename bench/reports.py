@@ -37,7 +37,8 @@ def cell_text(record: dict[str, Any], key: str) -> str:
     if key in record.get("metrics", {}):
         v = record["metrics"][key]
         return fmt(v.get("value"), v.get("std"))
-    return fmt(record.get(key))
+    value = record.get(key)
+    return "; ".join(map(str, value)) if isinstance(value, list) else fmt(value)
 
 
 # Record fields tabulated after the metrics, with their titles
@@ -46,6 +47,19 @@ TIMING_KEYS = [
     ("model_s", "s inside the model"),
     ("nfe_counted", "NFE counted"),
 ]
+# Shown when some record has the second key: a modifier's calls at another resolution
+# (their own column and the total cost in full-resolution NFE) and what modifiers applied
+MODIFIER_KEYS = [
+    ("nfe_extra", "nfe_extra", "extra network calls at another resolution (outside the budget)"),
+    ("nfe_equiv", "nfe_extra", "total cost in full-resolution NFE (counted + extra x pixel ratio)"),
+    ("modifiers_applied", "modifiers_applied", "modifiers as applied"),
+]
+
+
+def record_keys(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """TIMING_KEYS, then the MODIFIER_KEYS that apply to these records."""
+    shown = [(k, title) for k, when, title in MODIFIER_KEYS if any(r.get(when) for r in records)]
+    return TIMING_KEYS + shown
 
 
 def by_model(run: Run) -> dict[str, list[dict[str, Any]]]:
@@ -69,7 +83,7 @@ def grid_frame(records: list[dict[str, Any]], text) -> pd.DataFrame:
 
 def tables(run: Run) -> list[tuple[str, pd.DataFrame]]:
     """(title, method x NFE frame of strings) for each metric, wall-clock and counted NFE."""
-    keys = [(m, _metric_title(run, m)) for m in run.metric_names()] + TIMING_KEYS
+    keys = [(m, _metric_title(run, m)) for m in run.metric_names()] + record_keys(run.records)
     groups = by_model(run)
     out = []
     for model, records in groups.items():
@@ -343,7 +357,7 @@ def render_html(run: Run, console: Console) -> Path:
                 + "".join(f'<img src="{p}" alt="{escape(metric)}">' for p in plots)
                 + "</div>",
             ]
-        for key, title in TIMING_KEYS:
+        for key, title in record_keys(records):
             body += [
                 f"<h2>{escape(prefix + title)}</h2>",
                 html_table(grid_frame(records, lambda r, k=key: cell_text(r, k))),

@@ -329,6 +329,8 @@ def run_cell(
     try:
         return {**record, **_measure(registry, config, cell, denoiser, metric_names, cache,
                                      device, sampler, schedule, sched_spec, plan, options, on_batch)}
+    except Infeasible as exc:  # e.g. a modifier that does not apply to this model
+        return {**record, "status": "infeasible", "reason": str(exc)}
     except (KeyboardInterrupt, PluginError, UsageError):
         raise
     except Exception as exc:
@@ -341,9 +343,16 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
     # Build the method: counter on the model, modifiers on top of the counter
     counted = CountingDenoiser(denoiser, budget=cell.nfe)
     model: Denoiser = counted
+    applied = []
     for mod in cell.method.modifiers:
         modifier = registry.get("modifiers", mod.name)
-        model = modifier.apply(model, **resolve_options("modifier", mod.name, modifier.options, dict(mod.options)))
+        params = resolve_options("modifier", mod.name, modifier.options, dict(mod.options))
+        if modifier.takes_cell:
+            params["cell"] = {"model": cell.model, "sampler": str(cell.method.sampler),
+                              "schedule": str(sched_spec), "nfe": cell.nfe}
+        model = modifier.apply(model, **params)
+        applied.append(getattr(model, "applied", None) or str(mod))
+    counted.count_shape = tuple(model.shape)  # the budget counts calls at the sampling resolution
     sched_options = resolve_options("schedule", schedule.name, schedule.options, dict(sched_spec.options))
     sigmas = schedule.sigmas(plan.steps, denoiser.sigma_min, denoiser.sigma_max, to_zero=plan.to_zero,
                              denoiser=denoiser, device=device, **sched_options)
@@ -367,6 +376,7 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
     states = {name: registry.get("metrics", name).create(ctx) for name in metric_names}
     wall = model_s = metric_s = 0.0
     nfe_counted, extra, nonfinite = set(), 0, 0
+    extra_cost = 0.0
     shape = tuple(model.shape)
     batches = list(_batches(config.num_samples, config.batch_size))
     for b, indices in enumerate(batches):
@@ -384,6 +394,7 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
         model_s += counted.model_s
         nfe_counted.add(counted.nfe)
         extra = max(extra, counted.extra)
+        extra_cost = max(extra_cost, counted.extra_cost)
         # Reject non-finite samples, then feed the metrics
         bad = int((~torch.isfinite(x0.reshape(len(x0), -1))).any(1).sum())
         nonfinite += bad
@@ -409,6 +420,8 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
         "status": "ok",
         "nfe_counted": counted_nfe,
         "nfe_extra": extra,
+        "nfe_equiv": counted_nfe + extra_cost,
+        **({"modifiers_applied": applied} if applied else {}),
         "wall_s": wall,
         "model_s": model_s,
         "overhead_s": wall - model_s,

@@ -28,9 +28,11 @@ CSV_COLUMNS = [
     "sampler",
     "schedule",
     "modifiers",
+    "modifiers_applied",
     "nfe",
     "nfe_counted",
     "nfe_extra",
+    "nfe_equiv",
     "steps",
     "status",
     "reason",
@@ -114,6 +116,7 @@ class Run:
         for r in self.records:
             row = {c: r.get(c) for c in CSV_COLUMNS}
             row["modifiers"] = ",".join(r.get("modifiers") or [])
+            row["modifiers_applied"] = "; ".join(r.get("modifiers_applied") or [])
             for name, v in r.get("metrics", {}).items():
                 row[name] = v.get("value")
                 if v.get("std") is not None:
