@@ -492,7 +492,8 @@ class Declared:
     kind: "edm" (F-prediction, EDM preconditioning), "vp" (continuous VP time axis
     (M - 1) t, prediction eps / v / x0), "ve" (D = x + sigma F, NCSN++) or "discrete"
     (DDPM integer timesteps with `alphas_cumprod`, prediction eps / v / x0). The network is
-    called as net(x_in, c_noise, **cond), or net(x_vp, t, **cond) when discrete.
+    called as net(x_in, c_noise, **cond), or net(x_vp, t, **cond) when discrete;
+    `has_bottleneck` as in bench.adapters.Preconditioned (continuous kinds).
     """
 
     net: torch.nn.Module
@@ -503,6 +504,7 @@ class Declared:
     sigma_min: float | None = None
     sigma_max: float | None = None
     alphas_cumprod: Tensor | None = None
+    has_bottleneck: bool = False
 
 
 def import_factory(target: str) -> Callable[..., Any]:
@@ -512,10 +514,13 @@ def import_factory(target: str) -> Callable[..., Any]:
         raise UsageError(f"factory '{target}' is not module:function (e.g. factory:mypkg.nets:build)")
     try:
         if module_name.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            spec = importlib.util.spec_from_file_location(
+                f"bench_factory_{Path(module_name).stem}", module_name
+            )
             if spec is None or not Path(module_name).is_file():
                 raise ModelLoadError(f"factory: no such file '{module_name}'")
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses and pickling look modules up there
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
@@ -573,6 +578,7 @@ def wrap_declared(declared: Declared) -> Denoiser:
         prediction=prediction,
         sigma_min=declared.sigma_min,
         sigma_max=declared.sigma_max,
+        has_bottleneck=declared.has_bottleneck,
     )
 
 

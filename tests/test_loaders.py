@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.contracts import Denoiser
+from bench.contracts import Denoiser, check_denoiser
 from bench.errors import ModelLoadError, UsageError
 from bench.loaders import EDM_PRESETS, EDMNetwork, load_edm, load_factory
 from bench.plugins import load_registry
@@ -62,7 +62,7 @@ NET_SRC = textwrap.dedent("""
     import numpy as np
     import torch
     from torch.nn.functional import silu
-    from torch_utils import persistence
+    from torch_utils import misc, persistence
 
     @persistence.persistent_class
     class Block(torch.nn.Module):
@@ -92,6 +92,14 @@ NET_SRC = textwrap.dedent("""
                 assert isinstance(block, Block)
                 h = block(h)
             return self.dec(silu(h))
+
+    @persistence.persistent_class
+    class AugmentPipe:  # not a torch module: state restored through __dict__
+        def __init__(self, p=0.12):
+            self.p = float(p)
+
+        def __call__(self, images):
+            return misc.constant(images)
 
     @persistence.persistent_class
     class EDMPrecond(torch.nn.Module):
@@ -149,7 +157,7 @@ def nvlabs_writer():
     persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
     persistence.persistent_class = persistent_class
     torch_utils = types.ModuleType("torch_utils")
-    torch_utils.persistence = persistence
+    torch_utils.persistence, torch_utils.misc = persistence, types.ModuleType("torch_utils.misc")
     util = types.ModuleType("dnnlib.util")
     util.EasyDict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
     dnnlib = types.ModuleType("dnnlib")
@@ -196,7 +204,11 @@ def snapshots(tmp_path_factory):
                 ref = net(x, sigma, class_labels=labels)
                 ref1 = net(x, sigma, class_labels=torch.eye(3)[[1, 1, 1, 1]]) if label_dim else None
             path = root / f"network-snapshot-{name}.pkl"
-            data = {"ema": net, "augment_pipe": None, "dataset_kwargs": EasyDict(resolution=8)}
+            data = {
+                "ema": net,
+                "augment_pipe": networks.AugmentPipe(),
+                "dataset_kwargs": EasyDict(resolution=8),
+            }
             path.write_bytes(pickle.dumps(data))
             out[name] = (path, ref, ref1)
     assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
@@ -210,6 +222,7 @@ def registry():
 
 def check_contract(d: Denoiser, shape, *, near_identity: bool = True) -> None:
     """Shapes, sigma limits, finite outputs, and D(x, sigma_min) ~ x."""
+    check_denoiser(d)
     assert tuple(d.shape) == shape and 0 < d.sigma_min < d.sigma_max
     x = torch.randn(3, *shape)
     with torch.no_grad():
