@@ -13,6 +13,7 @@ from .loaders import SOURCES as CHECKPOINT_SOURCES
 from .metrics import METRICS
 from .models import gaussian, mixture, parse_shape
 from .reports import REPORTERS
+from .throughput import SOURCES as THROUGHPUT_SOURCES
 
 
 def _load_mixture(arg, device=None, **_):
@@ -37,7 +38,7 @@ def register_models(register):
         "analytic single Gaussian, closed-form ODE solution (gaussian[:CxHxW])",
         default_metrics=("fd", "rmse"),
     ))
-    for source in CHECKPOINT_SOURCES:
+    for source in [*CHECKPOINT_SOURCES, *THROUGHPUT_SOURCES]:
         register(source)
     for source in DIGITS_SOURCES:
         register(source)

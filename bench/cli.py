@@ -26,9 +26,11 @@ from .compare import (
     tolerances_from_json,
     write_baseline,
 )
+from .distributed import World, merge_runs, parse_shard
 from .errors import BenchError, UsageError
 from .plugins import Registry, load_registry
 from .runner import Method, RunConfig, Spec, parse_nfe, run
+from .scaffold import add_plugin_command
 from .store import Run
 
 DEFAULT_MODEL = "mixture"
@@ -75,9 +77,15 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
         out=args.out,
         command="bench " + shlex.join(sys.argv[1:]),
         model_options={"trust_pickle": args.trust_pickle},
+        dtype=args.dtype,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        shard=parse_shard(args.shard) if args.shard else (0, 1),
     )
     reporters = [registry.get("reporters", name) for name in split_specs(args.report)]
-    n_cells = len(config.models) * len(config.methods) * len(config.nfe)
+    world = World.from_env()  # under torchrun, rank 0 alone shows progress and reports
+    shard, n_shards = config.shard
+    n_cells = len(range(shard, len(config.models) * len(config.methods) * len(config.nfe), n_shards))
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -85,7 +93,7 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
         console=err,
         transient=True,
-        disable=args.quiet,
+        disable=args.quiet or not world.main,
     ) as progress:
         cells = progress.add_task("cells", total=n_cells)
         batches = progress.add_task("batches", total=None)
@@ -101,7 +109,12 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
             progress.update(batches, completed=done, total=total)
 
         run_dir, _ = run(registry, config, on_cell=on_cell, on_batch=on_batch)
-    return render(registry, Run.open(run_dir), reporters)
+    return render(registry, Run.open(run_dir), reporters) if world.main else 0
+
+
+def cmd_merge(registry: Registry, args: argparse.Namespace) -> int:
+    merged = merge_runs(args.run_dirs, args.out, command="bench " + shlex.join(sys.argv[1:]))
+    return render(registry, merged, [registry.get("reporters", name) for name in split_specs(args.report)])
 
 
 def render(registry: Registry, result: Run, reporters) -> int:
@@ -234,6 +247,12 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     p.add_argument("--report", default=DEFAULT_REPORTERS, help=f"reporters (default {DEFAULT_REPORTERS})")
     p.add_argument("--out", type=Path, default=None, help="run directory (default reports/<model>-<hash>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="precision the network runs in (autocast); samplers stay in float32")
+    p.add_argument("--channels-last", action="store_true", help="run the network on channels_last tensors")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only the cells whose grid index is I mod N (one job of N); join with bench merge")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading pickled models (edm:...); pickles run code, so only files you trust")
     p.set_defaults(func=cmd_run)
@@ -242,6 +261,14 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--report", default=DEFAULT_REPORTERS)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("merge", help="join the run directories of a sweep's shards (--shard I/N) into one run")
+    p.add_argument("run_dirs", nargs="+", type=Path, help="the shards' run directories")
+    p.add_argument("--out", type=Path, required=True, help="the merged run directory (new)")
+    p.add_argument("--report", default=DEFAULT_REPORTERS)
+    p.set_defaults(func=cmd_merge)
+
+    add_plugin_command(sub)
 
     p = sub.add_parser("plugins", help="every plugin: distribution, version, what it registered")
     p.add_argument("--json", action="store_true")

@@ -16,17 +16,20 @@ import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
 from .contracts import Batch, Denoiser, MetricContext, check_denoiser, resolve_options
+from .distributed import DistributedError, World
 from .errors import Infeasible, ModelLoadError, PluginError, UsageError
 from .nfe import CountingDenoiser, synchronize
 from .plugins import Registry
 from .seeding import SampleNoise
 from .store import CONFIG, FINAL, RESULTS, append_record, read_records, write_json
+from .throughput import DTYPES, accelerate, full_precision
 
 # --- Specs: "name:key=value:key=value" --------------------------------------------------
 
@@ -87,6 +90,10 @@ class RunConfig:
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)  # e.g. trust_pickle; not identity
+    dtype: str = "fp32"  # autocast precision of the network: fp32, bf16 or fp16
+    channels_last: bool = False
+    compile: bool = False
+    shard: tuple[int, int] = (0, 1)  # (i, n): this job runs the cells whose grid index is i mod n
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -100,13 +107,22 @@ class RunConfig:
             "seed": self.seed,
             "metrics": self.metrics,
             "device": torch.device(self.device).type,
+            # The network's speed options, where they differ from the defaults
+            **{k: v for k, v in self.speed_options().items() if v != SPEED_DEFAULTS[k]},
         }
+
+    def speed_options(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "channels_last": self.channels_last, "compile": self.compile}
 
     def run_dir(self) -> Path:
         if self.out is not None:
             return Path(self.out)
         slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in self.models[0])[:40]
-        return Path("reports") / f"{slug}-{digest(self.identity())[:8]}"
+        shard = f"-shard{self.shard[0]}of{self.shard[1]}" if self.shard[1] > 1 else ""
+        return Path("reports") / f"{slug}-{digest(self.identity())[:8]}{shard}"
+
+
+SPEED_DEFAULTS = {"dtype": "fp32", "channels_last": False, "compile": False}
 
 
 def digest(obj: Any) -> str:
@@ -208,6 +224,8 @@ def validate(registry: Registry, config: RunConfig) -> None:
     """Every name and option exists before anything runs."""
     if config.num_samples < 1 or config.batch_size < 1:
         raise UsageError("--num-samples and --batch-size must be positive integers")
+    if config.dtype not in DTYPES:
+        raise UsageError(f"--dtype: '{config.dtype}' is not one of {', '.join(DTYPES)}")
     for model in config.models:
         registry.get("models", model.partition(":")[0])
     for name in config.metrics or []:
@@ -243,24 +261,39 @@ def run(
     on_cell: Callable[[Cell, dict[str, Any] | None], None] | None = None,
     on_batch: Progress | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
-    """Run every cell not already finished in the run directory; return (dir, new records)."""
+    """Run every cell not already finished in the run directory; return (dir, new records).
+
+    Under torchrun every process runs this (bench.distributed): the cells' batches are
+    shared out, rank 0 alone writes and returns the records, the other ranks return none.
+    With `config.shard = (i, n)` only the cells whose grid index is i mod n run.
+    """
     validate(registry, config)
-    device = resolve_device(config.device)
+    world = World.from_env()
+    device = resolve_device(world.device(config.device))
     out = config.run_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    env = environment(device, registry)
-    write_json(out / CONFIG, {**config.identity(), "command": config.command,
-                              "batch_size": config.batch_size, "environment": env, **config.extra})
-    done = {r["cell_id"]: r for r in read_records(out / RESULTS) if r.get("status") in FINAL}
+    env = {**environment(device, registry), "world_size": world.size}
+    done: dict[str, dict[str, Any]] = {}
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG, {**config.identity(), "command": config.command, "batch_size":
+                                  config.batch_size, "shard": list(config.shard), "environment": env,
+                                  **config.extra})
+        done = {r["cell_id"]: r for r in read_records(out / RESULTS) if r.get("status") in FINAL}
+    finished = world.broadcast(set(done))  # every rank skips the same cells
     new: list[dict[str, Any]] = []
+    index = -1  # the cell's place in the whole grid, which shards share out
     for model_spec in config.models:
-        denoiser = load_model(registry, model_spec, device, config.model_options)
+        plain = load_model(registry, model_spec, device, config.model_options)
+        denoiser = accelerate(plain, **config.speed_options())
         calibration_s = calibrate(denoiser, min(config.batch_size, config.num_samples), device)
         source = registry.get("models", model_spec.partition(":")[0])
-        metric_names = config.metrics or list(source.default_metrics)
+        metric_names = config.metrics if config.metrics is not None else list(source.default_metrics)
         cache: dict[Any, Any] = {}
         for method in config.methods:
             for nfe in config.nfe:
+                index += 1
+                if index % config.shard[1] != config.shard[0]:
+                    continue
                 ident = {**config.identity(), "model": model_spec, "nfe": nfe,
                          "method": [str(method.sampler), str(method.schedule),
                                     [str(m) for m in method.modifiers]],
@@ -268,12 +301,16 @@ def run(
                 for key in ("models", "methods"):
                     ident.pop(key)
                 cell = Cell(model_spec, method, nfe, digest(ident)[:16])
-                if cell.id in done:
-                    if on_cell:
+                if cell.id in finished:
+                    if on_cell and world.main:
                         on_cell(cell, done[cell.id])
                     continue
-                record = run_cell(registry, config, cell, denoiser, metric_names, cache, device, on_batch)
-                record.update(cell_id=cell.id, environment=env, calibration_s=calibration_s)
+                record = run_cell(registry, config, cell, denoiser, metric_names, cache, device,
+                                  on_batch if world.main else None, world)
+                if not world.main:
+                    continue
+                record.update(cell_id=cell.id, cell_index=index, environment=env,
+                              calibration_s=calibration_s)
                 append_record(out / RESULTS, record)
                 new.append(record)
                 if on_cell:
@@ -295,8 +332,12 @@ def run_cell(
     cache: dict[Any, Any],
     device: torch.device,
     on_batch: Progress | None = None,
+    world: World | None = None,
 ) -> dict[str, Any]:
-    """One cell, measured; never raises for a sampler's or metric's failure."""
+    """One cell, measured; never raises for a sampler's or metric's failure.
+
+    In a multi-process run every rank calls it; rank 0's record is the cell's."""
+    world = world or World()
     method = cell.method
     sampler = registry.get("samplers", method.sampler.name)
     sched_spec = method.schedule or Spec.parse(sampler.default_schedule)
@@ -312,6 +353,8 @@ def run_cell(
         "batch_size": config.batch_size,
         "seed": config.seed,
         "device": str(device),
+        **config.speed_options(),
+        "world_size": world.size,
         "versions": {
             "sampler": registry.version_of("samplers", sampler.name),
             "schedule": registry.version_of("schedules", schedule.name),
@@ -328,10 +371,10 @@ def run_cell(
     record.update(steps=plan.steps, plan_nfe=plan.nfe, options={**options, **plan.options})
     try:
         return {**record, **_measure(registry, config, cell, denoiser, metric_names, cache,
-                                     device, sampler, schedule, sched_spec, plan, options, on_batch)}
+                                     device, sampler, schedule, sched_spec, plan, options, on_batch, world)}
     except Infeasible as exc:  # e.g. a modifier that does not apply to this model
         return {**record, "status": "infeasible", "reason": str(exc)}
-    except (KeyboardInterrupt, PluginError, UsageError):
+    except (KeyboardInterrupt, PluginError, UsageError, DistributedError):
         raise
     except Exception as exc:
         return {**record, "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
@@ -339,7 +382,45 @@ def run_cell(
 
 
 def _measure(registry, config, cell, denoiser, metric_names, cache, device, sampler, schedule,
-             sched_spec, plan, options, on_batch) -> dict[str, Any]:
+             sched_spec, plan, options, on_batch, world: World) -> dict[str, Any]:
+    # Build the method on every rank; a failure on any rank fails the cell on all of them
+    counted, model, applied, sigmas, prepared, prep = world.agree(partial(
+        _setup, registry, cell, denoiser, device, sampler, schedule, sched_spec, plan, options))
+    # Metrics live on rank 0, created per cell and fed batch by batch, in batch order
+    ctx = MetricContext(cell.model, full_precision(denoiser), config.num_samples, config.seed, device,
+                        cache)
+    states: dict[str, Any] = {}
+    world.on_main(lambda: states.update({n: registry.get("metrics", n).create(ctx) for n in metric_names}))
+    tally = Tally()
+    sample_options = {**options, **plan.options, **prepared}
+    batches = list(enumerate(_batches(config.num_samples, config.batch_size)))
+    for k, mine in enumerate(world.deal(batches)):
+        # Each rank samples its batch of the round (a round is one batch in one process)
+        parts = world.collect(partial(_sample, sampler, model, counted, sigmas, mine, config.seed,
+                                      device, sample_options, world.size > 1))
+        world.on_main(partial(tally.feed, parts, states, device, float(sigmas[0])))
+        if on_batch:
+            on_batch(cell.id, min(len(batches), (k + 1) * world.size), len(batches))
+    # The cell's numbers, on rank 0
+    out: dict[str, Any] = {"status": "ok"}
+    world.on_main(lambda: out.update(_finish(states, tally, plan, sigmas, prep, applied)))
+    return out
+
+
+def make_sigmas(schedule, options, plan, denoiser, device) -> torch.Tensor:
+    """The schedule's sigmas for a plan, checked: plan.steps + 1 of them, decreasing."""
+    sigmas = schedule.sigmas(plan.steps, denoiser.sigma_min, denoiser.sigma_max, to_zero=plan.to_zero,
+                             denoiser=denoiser, device=device, **options)
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
+    if len(sigmas) != plan.steps + 1 or not bool((sigmas[:-1] > sigmas[1:]).all()):
+        raise PluginError(f"schedule '{schedule.name}' gave {len(sigmas)} sigmas for {plan.steps} "
+                          "steps or they do not decrease")
+    return sigmas
+
+
+def _setup(registry, cell, denoiser, device, sampler, schedule, sched_spec, plan, options):
+    """The cell's method: the counter on the model, modifiers on top of the counter, the
+    schedule's sigmas and the sampler's own preparation (counted apart from the budget)."""
     # Build the method: counter on the model, modifiers on top of the counter
     counted = CountingDenoiser(denoiser, budget=cell.nfe)
     model: Denoiser = counted
@@ -354,12 +435,7 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
         applied.append(getattr(model, "applied", None) or str(mod))
     counted.count_shape = tuple(model.shape)  # the budget counts calls at the sampling resolution
     sched_options = resolve_options("schedule", schedule.name, schedule.options, dict(sched_spec.options))
-    sigmas = schedule.sigmas(plan.steps, denoiser.sigma_min, denoiser.sigma_max, to_zero=plan.to_zero,
-                             denoiser=denoiser, device=device, **sched_options)
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
-    if len(sigmas) != plan.steps + 1 or not bool((sigmas[:-1] > sigmas[1:]).all()):
-        raise PluginError(f"schedule '{schedule.name}' gave {len(sigmas)} sigmas for {plan.steps} "
-                          "steps or they do not decrease")
+    sigmas = make_sigmas(schedule, sched_options, plan, denoiser, device)
     # A sampler's own preparation (e.g. fitting a predictor), counted apart from the budget
     prepared: dict[str, Any] = {}
     if sampler.prepare is not None:
@@ -371,61 +447,92 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
                 "prepared": {k: v for k, v in prepared.items() if isinstance(v, (str, int, float, bool))}}
     else:
         prep = {}
-    # Metrics are created per cell and fed batch by batch
-    ctx = MetricContext(cell.model, denoiser, config.num_samples, config.seed, device, cache)
-    states = {name: registry.get("metrics", name).create(ctx) for name in metric_names}
-    wall = model_s = metric_s = 0.0
-    nfe_counted, extra, nonfinite = set(), 0, 0
-    extra_cost = 0.0
-    shape = tuple(model.shape)
-    batches = list(_batches(config.num_samples, config.batch_size))
-    for b, indices in enumerate(batches):
-        noise = SampleNoise(config.seed, indices, shape, device)
-        eps = noise()
-        counted.reset()
-        # Sample, timing the whole solve and the model inside it
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            x0 = sampler.sample(model, eps * sigmas[0], sigmas, noise=noise,
-                                **{**options, **plan.options, **prepared})
-        synchronize(device)
-        wall += time.perf_counter() - start
-        model_s += counted.model_s
-        nfe_counted.add(counted.nfe)
-        extra = max(extra, counted.extra)
-        extra_cost = max(extra_cost, counted.extra_cost)
-        # Reject non-finite samples, then feed the metrics
-        bad = int((~torch.isfinite(x0.reshape(len(x0), -1))).any(1).sum())
-        nonfinite += bad
-        if bad:
-            raise FloatingPointError(f"non-finite samples (NaN/inf): {bad} of {len(x0)} in batch {b}")
-        start = time.perf_counter()
-        batch = Batch(x0=x0.float(), eps=eps, indices=indices, sigma_max=float(sigmas[0]))
-        for state in states.values():
-            state.update(batch)
-        metric_s += time.perf_counter() - start
-        if on_batch:
-            on_batch(cell.id, b + 1, len(batches))
+    return counted, model, applied, sigmas, prepared, prep
+
+
+@dataclass
+class Sampled:
+    """One batch's samples and what sampling them cost: what a rank hands to rank 0."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+    indices: torch.Tensor
+    nfe: int
+    extra: int
+    extra_cost: float
+    wall: float
+    model_s: float
+
+
+def _sample(sampler, model, counted, sigmas, batch, seed, device, options, portable) -> Sampled | None:
+    """One batch from its per-sample noise, timing the whole solve and the model inside it."""
+    if batch is None:
+        return None  # this rank has no batch in the last round
+    b, indices = batch
+    noise = SampleNoise(seed, indices, tuple(model.shape), device)
+    eps = noise()
+    counted.reset()
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        x0 = sampler.sample(model, eps * sigmas[0], sigmas, noise=noise, **options)
+    synchronize(device)
+    wall = time.perf_counter() - start
+    # Reject non-finite samples
+    bad = int((~torch.isfinite(x0.reshape(len(x0), -1))).any(1).sum())
+    if bad:
+        raise FloatingPointError(f"non-finite samples (NaN/inf): {bad} of {len(x0)} in batch {b}")
+    x0 = x0.float()
+    if portable:  # sent to rank 0 through the CPU
+        x0, eps = x0.cpu(), eps.cpu()
+    return Sampled(x0, eps, indices, counted.nfe, counted.extra, counted.extra_cost, wall, counted.model_s)
+
+
+@dataclass
+class Tally:
+    """Rank 0's running totals over a cell's batches."""
+
+    wall: float = 0.0
+    model_s: float = 0.0
+    metric_s: float = 0.0
+    extra: int = 0
+    extra_cost: float = 0.0
+    nfe: set[int] = field(default_factory=set)
+
+    def feed(self, parts: list[Sampled | None], states: dict[str, Any], device, sigma_max: float) -> None:
+        """Add a round's batches, in batch order, and feed them to the metrics."""
+        for s in filter(None, parts):
+            self.wall += s.wall
+            self.model_s += s.model_s
+            self.nfe.add(s.nfe)
+            self.extra, self.extra_cost = max(self.extra, s.extra), max(self.extra_cost, s.extra_cost)
+            start = time.perf_counter()
+            batch = Batch(x0=s.x0.to(device), eps=s.eps.to(device), indices=s.indices, sigma_max=sigma_max)
+            for state in states.values():
+                state.update(batch)
+            self.metric_s += time.perf_counter() - start
+
+
+def _finish(states, tally: Tally, plan, sigmas, prep, applied) -> dict[str, Any]:
+    """The cell's record fields once every batch is in: metrics, counted NFE, times."""
     metrics = {}
     for name, state in states.items():
         for key, value in state.result().items():
             if not math.isfinite(value.value):
                 raise FloatingPointError(f"metric '{name}' returned {value.value} for '{key}'")
             metrics[key] = value.to_json()
-    if len(nfe_counted) != 1:
-        raise PluginError(f"sampler spent different NFE on different batches: {sorted(nfe_counted)}")
-    counted_nfe = nfe_counted.pop()
+    if len(tally.nfe) != 1:
+        raise PluginError(f"sampler spent different NFE on different batches: {sorted(tally.nfe)}")
+    counted_nfe = next(iter(tally.nfe))
     out = {
-        "status": "ok",
         "nfe_counted": counted_nfe,
-        "nfe_extra": extra,
-        "nfe_equiv": counted_nfe + extra_cost,
+        "nfe_extra": tally.extra,
+        "nfe_equiv": counted_nfe + tally.extra_cost,
         **({"modifiers_applied": applied} if applied else {}),
-        "wall_s": wall,
-        "model_s": model_s,
-        "overhead_s": wall - model_s,
-        "metric_s": metric_s,
+        "wall_s": tally.wall,
+        "model_s": tally.model_s,
+        "overhead_s": tally.wall - tally.model_s,
+        "metric_s": tally.metric_s,
         "metrics": metrics,
         "sigmas": [round(float(s), 6) for s in sigmas],
         **prep,

@@ -1,0 +1,213 @@
+"""Runs over several processes (torch.distributed) and over several independent jobs.
+
+Several processes, `torchrun --nproc_per_node=N [--nnodes=M ...] -m bench run ...`: every
+process loads the model and walks the same grid of cells; the batches of a cell are dealt
+in rounds, rank r sampling batch k N + r of round k. A batch keeps its sample indices, so
+every sample keeps its seed (seed + index) and its batch mates, and the results equal a
+one-process run's whatever N is. After each round rank 0 gathers the samples and alone
+feeds the metrics, in batch order: a metric that needs every sample (FID, KID) sees them
+all, exactly as in one process. Rank 0 alone writes results and reports. A failure on any
+rank is raised on every rank, so the cell fails everywhere with the rank named in its
+reason; a rank that dies ends the run with an error, and the finished cells are kept.
+Objects travel over a gloo process group on the CPU, whatever the device.
+
+Several jobs, `bench run --shard i/n`: job i runs every n-th cell of the grid into its own
+directory; `bench merge` joins the directories into one run and renders its reports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+
+from .errors import BenchError, UsageError
+from .store import CONFIG, RESULTS, Run, append_record, write_json
+
+T = TypeVar("T")
+
+TIMEOUT_ENV = "BENCH_DIST_TIMEOUT"  # seconds a rank waits for the others (default 1800)
+
+
+class DistributedError(BenchError):
+    """A process of a multi-process run failed or could not be reached."""
+
+
+# --- Processes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the run's processes; a plain run is a world of one."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> World:
+        """The world torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK), joined once per process."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return cls()
+        world = cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            seconds = float(os.environ.get(TIMEOUT_ENV, "1800"))
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=seconds))
+        return world
+
+    def device(self, name: str) -> str:
+        """`cuda` names this process's own GPU, cuda:LOCAL_RANK, in a multi-process run."""
+        return f"cuda:{self.local_rank}" if name == "cuda" and self.size > 1 else name
+
+    def deal(self, items: Iterable[T]) -> Iterator[T | None]:
+        """Deal `items` in rounds of `size`: this rank's item of each round, None past the end."""
+        items = list(items)
+        for start in range(0, len(items), self.size):
+            chunk = items[start : start + self.size]
+            yield chunk[self.rank] if self.rank < len(chunk) else None
+
+    # Collectives; in a world of one they hand the object straight back
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` on rank 0, in rank order; None on the other ranks."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size if self.main else None
+        self._collective(dist.gather_object, obj, out, dst=0)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        self._collective(dist.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def _collective(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except RuntimeError as exc:  # gloo: a peer closed its connection, or the timeout passed
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise DistributedError(
+                f"rank {self.rank} of {self.size} lost contact with the other processes ({first}); "
+                "one of them failed (its error is printed above); finished cells are kept, "
+                "rerun the same command to resume"
+            ) from None
+
+    # Failures: the first one, as rank 0 sees it, is raised on every rank
+
+    def agree(self, fn: Callable[[], T]) -> T:
+        """fn() on every rank; a failure on any rank is raised on all of them."""
+        value, failure = self._attempt(fn)
+        parts = self.gather(failure)
+        self.settle(first_failure(parts) if self.main else None)
+        return value
+
+    def collect(self, fn: Callable[[], T]) -> list[T] | None:
+        """fn() on every rank, the results gathered on rank 0; a failure anywhere is raised everywhere."""
+        value, failure = self._attempt(fn)
+        parts = self.gather(value if failure is None else failure)
+        self.settle(first_failure(parts) if self.main else None)
+        return parts
+
+    def on_main(self, fn: Callable[[], Any]) -> None:
+        """fn() on rank 0 alone; its failure is raised on every rank."""
+        self.settle(self._attempt(fn)[1] if self.main else None)
+
+    def settle(self, failure: Exception | None) -> None:
+        """Raise rank 0's `failure` on every rank (nothing when it is None)."""
+        failure = self.broadcast(failure)
+        if failure is not None:
+            raise failure
+
+    def _attempt(self, fn: Callable[[], T]) -> tuple[T | None, Exception | None]:
+        try:
+            return fn(), None
+        except Exception as exc:
+            return None, self._portable(exc)
+
+    def _portable(self, exc: Exception) -> Exception:
+        """In a multi-process run: the failure with its rank in the message, fit to send."""
+        if self.size == 1:
+            return exc
+        exc.args = (f"on rank {self.rank}: {exc}",)
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            exc = RuntimeError(f"on rank {self.rank}: {type(exc).__name__}: {exc}")
+        return exc
+
+
+def first_failure(parts: list[Any] | None) -> Exception | None:
+    """The first exception among the gathered parts, in rank order."""
+    return next((p for p in parts or [] if isinstance(p, Exception)), None)
+
+
+# --- Jobs -----------------------------------------------------------------------------
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`i/n` (0 <= i < n) -> (i, n): this job runs the cells whose grid index is i mod n."""
+    i, sep, n = text.partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
+        raise UsageError(f"--shard: '{text}' is not i/n with 0 <= i < n, e.g. 0/4 for the first of 4 jobs")
+    return int(i), int(n)
+
+
+# What must agree between the shards of one sweep (the keys of RunConfig.identity)
+SWEEP_KEYS = (
+    "models",
+    "methods",
+    "nfe",
+    "num_samples",
+    "seed",
+    "metrics",
+    "device",
+    "dtype",
+    "channels_last",
+    "compile",
+    "metric_options",
+)
+
+
+def merge_runs(dirs: list[Path], out: Path, command: str = "") -> Run:
+    """Join the run directories of a sweep's shards into `out`: one record per cell, in grid
+    order (the latest record of a cell wins), the first shard's configuration."""
+    if not dirs:
+        raise UsageError("bench merge: name the run directories to merge")
+    runs = [Run.open(d) for d in dirs]
+    base = runs[0]
+    # The shards must come from one sweep
+    for other in runs[1:]:
+        for key in SWEEP_KEYS:
+            if base.config.get(key) != other.config.get(key):
+                raise UsageError(
+                    f"bench merge: {base.dir} and {other.dir} differ in {key} "
+                    f"({base.config.get(key)} vs {other.config.get(key)}); merge the shards of one sweep"
+                )
+    records: dict[str, dict[str, Any]] = {}
+    for r in sorted((r for run in runs for r in run.records), key=lambda r: r.get("cell_index", 0)):
+        records[r["cell_id"]] = r
+    # Write a fresh run directory, then read it back like any run
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / RESULTS).exists():
+        raise UsageError(f"bench merge: {out / RESULTS} exists; give a new --out directory")
+    write_json(
+        out / CONFIG,
+        {**base.config, "command": command, "merged_from": [str(d) for d in dirs], "shard": None},
+    )
+    for record in records.values():
+        append_record(out / RESULTS, record)
+    return Run.open(out)

@@ -1,0 +1,332 @@
+"""The conformance suite: checks a plugin's own tests call on everything it registers.
+
+    import pytest
+    from bench.testing import check_sampler, samplers_of
+
+    @pytest.mark.parametrize("name", samplers_of("my-plugin-dist"))
+    def test_sampler_conformance(name):
+        check_sampler(name)
+
+A sampler is checked through the installed plugin (real entry-point discovery), the real
+NFE counter (`bench.nfe.CountingDenoiser` with the cell's budget) and the per-sample noise
+of runs, on the analytic Gaussian (`bench.models.gaussian`), whose probability-flow ODE
+has a closed-form solution:
+
+- NFE honesty: every budget is planned exactly (plan.nfe == budget) or refused with
+  `bench.errors.Infeasible`; the counted calls equal the plan and never pass the budget;
+- shapes: the output has the input's shape and dtype and is finite, on a non-square,
+  multi-channel image;
+- determinism: the same seed gives the same samples whatever the global RNG; a
+  deterministic sampler ignores the noise stream, a stochastic one (`Sampler.stochastic`)
+  draws from it and only from it;
+- batch-size invariance: a sample does not depend on its batch mates;
+- convergence: a deterministic sampler's error to the exact ODE solution falls with NFE
+  (at a measured order, if one is given); a stochastic sampler's samples match the exact
+  data moments at a large budget.
+
+A failure is an AssertionError that says which check broke, for which budget, and how.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .contracts import Sampler, Schedule, resolve_options
+from .errors import BudgetExceeded, Infeasible
+from .models import GaussianMixture, gaussian
+from .nfe import CountingDenoiser
+from .plugins import Registry, load_registry
+from .runner import Spec, make_sigmas
+from .seeding import SampleNoise
+
+SHAPE = (2, 4, 6)  # channels and a non-square image, so that hard-coded shapes show
+BUDGETS = tuple(range(1, 13))
+SEED = 0
+
+
+@functools.cache
+def registry() -> Registry:
+    """The installed plugins, loaded once per test session."""
+    return load_registry()
+
+
+def registered_by(dist: str, kind: str) -> list[str]:
+    """The names of `kind` ("samplers", "schedules", ...) that distribution `dist` registered;
+    fails if the distribution is not installed or did not load."""
+    plugins = [p for p in registry().plugins if p.dist.lower().replace("_", "-") == dist.lower()]
+    assert plugins, f"no installed distribution '{dist}' has a `bench` entry point (pip install it first)"
+    for p in plugins:
+        assert p.error is None, f"{dist}: plugin '{p.name}' failed to load: {p.error}"
+    return [name for p in plugins for name in p.registered.get(kind, [])]
+
+
+def samplers_of(dist: str) -> list[str]:
+    return registered_by(dist, "samplers")
+
+
+def schedules_of(dist: str) -> list[str]:
+    return registered_by(dist, "schedules")
+
+
+# --- Solving one case ---------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """A sampler with its options and schedule, on the analytic Gaussian."""
+
+    name: str
+    sampler: Sampler
+    options: dict[str, Any]
+    schedule: Schedule
+    schedule_options: dict[str, Any]
+    model: GaussianMixture
+    prepared: dict[int, dict[str, Any]] = field(default_factory=dict)  # by budget
+
+    @classmethod
+    def of(cls, name: str, options: Mapping[str, Any] | None = None, shape=SHAPE) -> Case:
+        sampler = registry().get("samplers", name)
+        spec = Spec.parse(sampler.default_schedule)
+        schedule = registry().get("schedules", spec.name)
+        return cls(
+            name,
+            sampler,
+            resolve_options("sampler", name, sampler.options, dict(options or {})),
+            schedule,
+            resolve_options("schedule", spec.name, schedule.options, dict(spec.options)),
+            gaussian(shape=shape),
+        )
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sampler.stochastic
+
+    def feasible(self, budgets: Iterable[int]) -> list[int]:
+        """The budgets the planner accepts."""
+        out = []
+        for nfe in budgets:
+            try:
+                self.sampler.plan(nfe, self.options)
+            except Infeasible:
+                continue
+            out.append(nfe)
+        return out
+
+    def nearest(self, nfe: int, what: str) -> int:
+        """The smallest feasible budget from `nfe` up to nfe + 3."""
+        found = self.feasible(range(nfe, nfe + 4))
+        assert found, f"{self.name}: no feasible budget in {nfe}..{nfe + 3} for the {what} check"
+        return found[0]
+
+
+@dataclass
+class Solved:
+    x0: Tensor
+    x_init: Tensor
+    sigmas: Tensor
+    nfe: int
+
+
+def solve(
+    case: Case, nfe: int, indices: Sequence[int], seed: int = SEED, noise_seed: int | None = None
+) -> Solved:
+    """The case's samples for `indices` at a budget, exactly as a run draws them: initial
+    noise from each sample's own seed, the budget enforced by the real NFE counter.
+    `noise_seed` gives the sampler's later noise draws another seed than the latent's."""
+    plan = case.sampler.plan(nfe, case.options)
+    sigmas = make_sigmas(case.schedule, case.schedule_options, plan, case.model, "cpu")
+    options = {**case.options, **plan.options}
+    # The sampler's own preparation, once per budget and outside it
+    if case.sampler.prepare is not None and nfe not in case.prepared:
+        case.prepared[nfe] = dict(case.sampler.prepare(CountingDenoiser(case.model), sigmas, options))
+    # The initial latent, then the noise stream the sampler draws from
+    eps = SampleNoise(seed, indices, case.model.shape, "cpu")()
+    noise = SampleNoise(seed if noise_seed is None else noise_seed, indices, case.model.shape, "cpu")
+    noise()  # the stream's first draw is the initial latent
+    counted = CountingDenoiser(case.model, budget=nfe)
+    try:
+        with torch.inference_mode():
+            x0 = case.sampler.sample(
+                counted, eps * sigmas[0], sigmas, noise=noise, **options, **case.prepared.get(nfe, {})
+            )
+    except BudgetExceeded as exc:
+        raise AssertionError(f"{case.name} at a budget of {nfe} NFE: {exc}") from None
+    return Solved(x0, eps * sigmas[0], sigmas, counted.nfe)
+
+
+# --- The checks -----------------------------------------------------------------------------
+
+
+def check_planner(case: Case, budgets: Iterable[int] = BUDGETS) -> list[int]:
+    """Each budget is planned exactly or refused with Infeasible; returns the feasible ones."""
+    feasible = []
+    for nfe in budgets:
+        try:
+            plan = case.sampler.plan(nfe, case.options)
+        except Infeasible as exc:
+            assert str(exc), f"{case.name}: Infeasible for NFE {nfe} must say why"
+            continue
+        except Exception as exc:
+            raise AssertionError(
+                f"{case.name}: planner raised {type(exc).__name__} for NFE {nfe}; a budget it cannot "
+                "meet must raise bench.errors.Infeasible"
+            ) from exc
+        assert plan.nfe == nfe, f"{case.name}: planned {plan.nfe} NFE for a budget of {nfe}; plan it exactly"
+        assert plan.steps >= 1, f"{case.name}: planned {plan.steps} steps for NFE {nfe}"
+        feasible.append(nfe)
+    assert feasible, f"{case.name}: no budget in {list(budgets)} is feasible"
+    return feasible
+
+
+def check_nfe(case: Case, budgets: Iterable[int]) -> None:
+    """Counted calls equal the plan at every feasible budget (the counter stops overspending)."""
+    for nfe in budgets:
+        counted = solve(case, nfe, range(3)).nfe
+        assert counted == nfe, f"{case.name}: planned {nfe} NFE, the counter saw {counted} network calls"
+
+
+def check_shapes(case: Case, nfe: int) -> None:
+    """The output has the input's shape and dtype, and is finite."""
+    s = solve(case, nfe, range(3))
+    assert isinstance(s.x0, Tensor), f"{case.name}: sample() returned {type(s.x0).__name__}, not a tensor"
+    assert s.x0.shape == s.x_init.shape, (
+        f"{case.name}: output shape {tuple(s.x0.shape)} for input {tuple(s.x_init.shape)}"
+    )
+    assert s.x0.dtype == s.x_init.dtype, f"{case.name}: output dtype {s.x0.dtype} for input {s.x_init.dtype}"
+    assert bool(torch.isfinite(s.x0).all()), f"{case.name}: non-finite samples at NFE {nfe}"
+
+
+def check_determinism(case: Case, nfe: int) -> None:
+    """Same seed, same samples, whatever the global RNG; noise only from the stream, and
+    only for stochastic samplers."""
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(solve(case, nfe, range(4)).x0)
+    assert torch.equal(*runs), (
+        f"{case.name}: two runs with the same seed differ at NFE {nfe} "
+        "(draw randomness only from the `noise` argument)"
+    )
+    other = solve(case, nfe, range(4), noise_seed=SEED + 1).x0
+    if case.stochastic:
+        assert not torch.equal(runs[0], other), f"{case.name} is stochastic but ignores its noise stream"
+    else:
+        assert torch.equal(runs[0], other), (
+            f"{case.name} draws noise but is not declared stochastic (Sampler(stochastic=True))"
+        )
+
+
+def check_batch_invariance(case: Case, nfe: int) -> None:
+    """A sample does not depend on its batch mates (same numbers up to float32 rounding)."""
+    whole = solve(case, nfe, range(6))
+    parts = [solve(case, nfe, idx) for idx in (range(2), range(2, 6))]
+    split = torch.cat([p.x0 for p in parts])
+    assert {p.nfe for p in parts} == {whole.nfe}, f"{case.name}: NFE depends on the batch size"
+    assert torch.allclose(whole.x0, split, rtol=1e-5, atol=1e-5), (
+        f"{case.name}: samples change with the batch size at NFE {nfe} "
+        f"(max difference {float((whole.x0 - split).abs().max()):.3g})"
+    )
+
+
+def ode_error(case: Case, nfe: int, n: int = 16) -> float:
+    """RMS distance of n samples to the exact ODE solution between the schedule's ends."""
+    s = solve(case, nfe, range(n))
+    exact = case.model.ode_solution(s.x_init.double(), float(s.sigmas[0]), float(s.sigmas[-1]))
+    return float((s.x0.double() - exact).pow(2).mean().sqrt())
+
+
+def check_convergence(
+    case: Case, low: int = 8, high: int = 128, order: float | None = None, tol: float = 0.01
+) -> dict[int, float]:
+    """Deterministic: the error to the exact ODE solution ends below `tol` and falls 8x from
+    `low` to `high` NFE; with `order`, the order measured between high/2 and high is at
+    least order - 0.5. Stochastic: `check_moments` at `high`. Returns the errors by NFE."""
+    if case.stochastic:
+        return check_moments(case, case.nearest(high, "convergence"))
+    lo, mid, hi = (case.nearest(n, "convergence") for n in (low, high // 2, high))
+    errors = {n: ode_error(case, n) for n in dict.fromkeys((lo, mid, hi) if order else (lo, hi))}
+    assert errors[hi] < tol, f"{case.name}: error {errors[hi]:.3g} to the exact ODE solution at NFE {hi}"
+    assert errors[hi] < errors[lo] / 8, f"{case.name}: the error does not fall with NFE: {errors}"
+    if order is not None:
+        measured = math.log(errors[mid] / errors[hi]) / math.log(hi / mid)
+        assert measured >= order - 0.5, (
+            f"{case.name}: measured order {measured:.2f} between NFE {mid} and {hi}, expected {order}"
+        )
+    return errors
+
+
+def check_moments(case: Case, nfe: int, n: int = 512) -> dict[int, float]:
+    """The samples' per-pixel mean and variance match the exact data distribution's (at the
+    schedule's last sigma): the mean square of their z-scores stays below 3 (about 1 when
+    right; a variance 20% off gives about 10)."""
+    s = solve(case, nfe, range(n))
+    x = s.x0.double().reshape(n, -1)
+    end = float(s.sigmas[-1])
+    mu, var = case.model.mu[0], case.model.var[0] + end**2
+    z_mean = (x.mean(0) - mu) / (var / n).sqrt()
+    z_var = (x.var(0) / var - 1) * math.sqrt((n - 1) / 2)
+    score = float(torch.cat([z_mean, z_var]).pow(2).mean())
+    assert score < 3, (
+        f"{case.name}: samples at NFE {nfe} miss the data moments (mean square z-score {score:.2f})"
+    )
+    return {nfe: score}
+
+
+def check_sampler(
+    name: str,
+    *,
+    options: Mapping[str, Any] | None = None,
+    budgets: Iterable[int] = BUDGETS,
+    low: int = 8,
+    high: int = 128,
+    order: float | None = None,
+    tol: float = 0.01,
+) -> dict[int, float]:
+    """Every check on the installed sampler `name` with `options` (e.g. a smaller fit);
+    returns the convergence errors (or moment scores) by NFE."""
+    case = Case.of(name, options)
+    feasible = check_planner(case, budgets)
+    check_nfe(case, feasible)
+    nfe = feasible[len(feasible) // 2]
+    check_shapes(case, nfe)
+    check_determinism(case, nfe)
+    check_batch_invariance(case, nfe)
+    return check_convergence(case, low, high, order, tol)
+
+
+def check_schedule(
+    name: str, *, options: Mapping[str, Any] | None = None, steps: Iterable[int] = (1, 2, 5, 18)
+) -> None:
+    """n + 1 decreasing sigmas from sigma_max: to sigma_min then 0, or to sigma_min."""
+    schedule = registry().get("schedules", name)
+    opts = resolve_options("schedule", name, schedule.options, dict(options or {}))
+    model = gaussian(shape=SHAPE)
+    for n in steps:
+        for to_zero in (True, False):
+            sigmas = torch.as_tensor(
+                schedule.sigmas(
+                    n, model.sigma_min, model.sigma_max, to_zero=to_zero, denoiser=model, device="cpu", **opts
+                )
+            ).double()
+            what = f"{name}: {n} steps, to_zero={to_zero}"
+            assert sigmas.shape == (n + 1,), f"{what}: {len(sigmas)} sigmas, expected {n + 1}"
+            assert bool((sigmas[:-1] > sigmas[1:]).all()), (
+                f"{what}: sigmas do not decrease: {sigmas.tolist()}"
+            )
+            assert math.isclose(sigmas[0], model.sigma_max, rel_tol=1e-3), (
+                f"{what}: starts at {float(sigmas[0])}"
+            )
+            end = [float(sigmas[-2]), float(sigmas[-1])] if to_zero else [float(sigmas[-1])]
+            expect = [model.sigma_min, 0.0] if to_zero else [model.sigma_min]
+            if to_zero and n == 1:  # one step: sigma_max, then 0
+                end, expect = end[1:], expect[1:]
+            assert all(
+                math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-9) for a, b in zip(end, expect, strict=True)
+            ), f"{what}: ends at {end}, expected {expect}"
