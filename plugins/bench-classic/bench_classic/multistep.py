@@ -1,0 +1,277 @@
+"""Multistep samplers: one network call per step, earlier calls reused for higher order.
+
+In the sigma formulation (alpha = 1) lambda = -log sigma, so a step sigma_s -> sigma_t has
+h = log(sigma_s / sigma_t); data predictions m_i = D(x_i, sigma_i) or slopes d_i are kept
+in a short history. Warm-up uses lower orders; a step to sigma = 0 is the denoise
+x = D(x, sigma). Coefficients are computed in double precision on the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .samplers import denoise, floats, report, to_d
+from .schedules import vp_fit, vp_time
+
+# Adams-Bashforth coefficients on an equal grid, newest slope first (iPNDM, Zhang & Chen 2023)
+ADAMS_BASHFORTH = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def step_order(order: int, i: int, steps: int, lower_order_final: bool) -> int:
+    """Order of step i of `steps`: warm-up (i + 1 values known) and, optionally, lower order
+    on the last steps (Lu et al. 2022b; the step to sigma = 0 is then first order)."""
+    k = min(order, i + 1)
+    return min(k, steps - i) if lower_order_final else k
+
+
+def combine(x: Tensor, terms) -> Tensor:
+    """x + sum of coefficient * tensor, skipping zero coefficients."""
+    for c, v in terms:
+        if c != 0:
+            x = x + c * v
+    return x
+
+
+# --- DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling") -----
+
+
+def dpmpp_update(
+    x: Tensor, sigma_t: float, sigmas: list[float], ms: list[Tensor], d2: str = "reference"
+) -> Tensor:
+    """Multistep DPM-Solver++ of order len(ms) (1-3) in data prediction; `sigmas`, `ms` are
+    the last points, newest last (Lu et al. 2022b, Algorithm 2 and its third-order form).
+
+    The reference code's third-order term is phi_3 * D2 with D2 ~ h^2 m''/2, half of what
+    integrates a quadratic m exactly, so it is second order asymptotically; d2="taylor"
+    doubles it (the factor the singlestep 'taylor' update has), giving third order."""
+    sigma_s0, m0 = sigmas[-1], ms[-1]
+    h = math.log(sigma_s0 / sigma_t)
+    phi_1 = math.expm1(-h)
+    x_t = (sigma_t / sigma_s0) * x - phi_1 * m0
+    if len(ms) == 1:
+        return x_t
+    # First divided difference of the data predictions, in units of h
+    r0 = math.log(sigmas[-2] / sigma_s0) / h
+    D1_0 = (m0 - ms[-2]) / r0
+    if len(ms) == 2:
+        return x_t - 0.5 * phi_1 * D1_0
+    # Third order: a second divided difference
+    r1 = math.log(sigmas[-3] / sigmas[-2]) / h
+    D1_1 = (ms[-2] - ms[-3]) / r1
+    D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
+    D2 = (D1_0 - D1_1) / (r0 + r1)
+    phi_2 = phi_1 / h + 1
+    phi_3 = phi_2 / h - 0.5
+    return x_t + phi_2 * D1 - (2 if d2 == "taylor" else 1) * phi_3 * D2
+
+
+@torch.no_grad()
+def sample_dpmpp(
+    model,
+    x,
+    sigmas,
+    *,
+    noise=None,
+    callback=None,
+    order=2,
+    lower_order_final=True,
+    afs=False,
+    d2="reference",
+    **_,
+) -> Tensor:
+    """DPM-Solver++(2M) / (3M) (Lu et al. 2022b): multistep, data prediction, 1 NFE per step."""
+    s = floats(sigmas)
+    ms: list[Tensor] = []
+    for i in range(len(s) - 1):
+        # Evaluate at the new point and keep the last `order` predictions
+        denoised = denoise(model, x, s[i], afs and i == 0)
+        ms = (ms + [denoised])[-order:]
+        # Step: the denoise to 0, or a multistep update of the allowed order
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            k = step_order(order, i, len(s) - 1, lower_order_final)
+            x = dpmpp_update(x, s[i + 1], s[: i + 1][-k:], ms[-k:], d2)
+        report(callback, i, x, s[i], s[i + 1], denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    model, x, sigmas, *, noise=None, callback=None, eta=1.0, s_noise=1.0, solver_type="midpoint", **_
+) -> Tensor:
+    """DPM-Solver++(2M) SDE (Lu et al. 2022b; k-diffusion's sample_dpmpp_2m_sde): the
+    second-order multistep update of the SDE, fresh noise each step; 1 NFE per step."""
+    s = floats(sigmas)
+    old_denoised, h_last = None, None
+    for i in range(len(s) - 1):
+        denoised = model(x, s[i])
+        if s[i + 1] == 0:
+            # Denoise to 0
+            x = denoised
+        else:
+            # First-order SDE step: decay, data term, then a second-order correction
+            h = math.log(s[i] / s[i + 1])
+            eta_h = eta * h
+            x = s[i + 1] / s[i] * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    c = -math.expm1(-h - eta_h) / (-h - eta_h) + 1
+                else:
+                    c = -0.5 * math.expm1(-h - eta_h)
+                x = x + c / r * (denoised - old_denoised)
+            # Fresh noise of the SDE's variance over the step
+            if eta > 0:
+                x = x + noise() * s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+            h_last = h
+        old_denoised = denoised
+        report(callback, i, x, s[i], s[i + 1], denoised)
+    return x
+
+
+# --- UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework") ----------
+
+
+def unipc_system(h: float, rks: list[float], variant: str) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """h phi_1(-h), B(h) and UniPC's order conditions R rho = b for the ratios `rks`
+    (the last being 1); B(h) = -h (bh1) or e^(-h) - 1 (bh2) (Zhao et al. 2023, Sec. 3.3)."""
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
+    for i in range(1, len(rks) + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R = np.vander(np.asarray(rks, dtype=np.float64), increasing=True).T
+    return h_phi_1, b_h, R, np.asarray(b)
+
+
+def unipc_update(
+    x: Tensor, sigma_t: float, sigmas: list[float], ms: list[Tensor], variant: str, m_t: Tensor | None = None
+) -> Tensor:
+    """UniP (m_t None) or UniC (m_t = D at the predicted point) of order len(ms) from the
+    last points `sigmas`, `ms` (newest last), data prediction (Zhao et al. 2023, Alg. 2-3)."""
+    sigma_s0, m0 = sigmas[-1], ms[-1]
+    h = math.log(sigma_s0 / sigma_t)
+    # Scaled differences to the older predictions
+    rks = [math.log(sigma_s0 / sigma_k) / h for sigma_k in reversed(sigmas[:-1])]
+    d1s = [(m_k - m0) / r for m_k, r in zip(reversed(ms[:-1]), rks, strict=True)]
+    h_phi_1, b_h, R, b = unipc_system(h, rks + [1.0], variant)
+    x_t = (sigma_t / sigma_s0) * x - h_phi_1 * m0
+    # Predictor: solve the order conditions without the new point
+    if m_t is None:
+        if not d1s:
+            return x_t
+        rhos = [0.5] if len(d1s) == 1 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+        return combine(x_t, [(-b_h * rho, d) for rho, d in zip(rhos, d1s, strict=True)])
+    # Corrector: the new point's prediction enters with the last coefficient
+    rhos = [0.5] if not d1s else np.linalg.solve(R, b).tolist()
+    return combine(x_t, [(-b_h * rho, d) for rho, d in zip(rhos, d1s + [m_t - m0], strict=True)])
+
+
+@torch.no_grad()
+def sample_unipc(
+    model,
+    x,
+    sigmas,
+    *,
+    noise=None,
+    callback=None,
+    order=3,
+    variant="bh2",
+    lower_order_final=True,
+    afs=False,
+    **_,
+) -> Tensor:
+    """UniPC (Zhao et al. 2023): multistep UniP predictor, and the UniC corrector, which reuses
+    the next step's evaluation (skipped after the last step); 1 NFE per step."""
+    s = floats(sigmas)
+    ms: list[Tensor] = []
+    x_last, k_last = x, 0
+    for i in range(len(s) - 1):
+        denoised = denoise(model, x, s[i], afs and i == 0)
+        # Corrector for the step that landed here, with this evaluation
+        if k_last and s[i + 1] > 0:
+            x = unipc_update(x_last, s[i], s[:i][-k_last:], ms[-k_last:], variant, m_t=denoised)
+        ms = (ms + [denoised])[-order:]
+        # Predictor to the next point, or the denoise to 0
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            k_last = step_order(order, i, len(s) - 1, lower_order_final)
+            x_last, x = x, unipc_update(x, s[i + 1], s[: i + 1][-k_last:], ms[-k_last:], variant)
+        report(callback, i, x, s[i], s[i + 1], denoised)
+    return x
+
+
+# --- Adams-Bashforth on the slope d: iPNDM and DEIS (Zhang & Chen 2023) --------------------
+
+
+def adams_bashforth(model, x, s: list[float], order: int, afs: bool, callback, weights) -> Tensor:
+    """The linear multistep loop of iPNDM and DEIS: x_next = x + sum_j w_j d_(i-j) over the
+    last `order` slopes d = (x - D) / sigma, newest first; `weights(i, k)` gives step i's k
+    weights (fewer during warm-up). A step to sigma = 0 is the denoise."""
+    ds: list[Tensor] = []
+    for i in range(len(s) - 1):
+        denoised = denoise(model, x, s[i], afs and i == 0)
+        ds = ([to_d(x, s[i], denoised)] + ds)[:order]
+        # Multistep update of the available order, or the denoise to 0
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            x = combine(x, list(zip(weights(i, len(ds)), ds, strict=True)))
+        report(callback, i, x, s[i], s[i + 1], denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_ipndm(model, x, sigmas, *, noise=None, callback=None, order=4, afs=False, **_) -> Tensor:
+    """iPNDM (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential
+    Integrator"; diff-sampler's form): Adams-Bashforth with the fixed equal-step coefficients
+    on d = (x - D) / sigma, warm-started with lower orders; 1 NFE per step."""
+    s = floats(sigmas)
+    weights = lambda i, k: [(s[i + 1] - s[i]) * c for c in ADAMS_BASHFORTH[k]]  # noqa: E731
+    return adams_bashforth(model, x, s, order, afs, callback, weights)
+
+
+def lagrange_integrals(nodes: list[float], sigma_s: float, sigma_t: float, time, points: int = 24):
+    """int_{sigma_s}^{sigma_t} l_j(time(sigma)) dsigma for the Lagrange basis l_j on `nodes`,
+    by Gauss-Legendre quadrature in sigma (exact for a polynomial in sigma)."""
+    u, w = np.polynomial.legendre.leggauss(points)
+    sig = (sigma_s + sigma_t) / 2 + (sigma_t - sigma_s) / 2 * u
+    tau, w = time(sig), w * (sigma_t - sigma_s) / 2
+    out = []
+    for j, tj in enumerate(nodes):
+        basis = np.prod([(tau - tk) / (tj - tk) for k, tk in enumerate(nodes) if k != j], axis=0)
+        out.append(float(np.sum(w * basis)))
+    return out
+
+
+@torch.no_grad()
+def sample_deis(
+    model, x, sigmas, *, noise=None, callback=None, order=4, mode="tab", afs=False, **_
+) -> Tensor:
+    """DEIS (Zhang & Chen 2023): the slope d (= eps) extrapolated by a polynomial through the
+    last `order` values, in VP time t (tAB; t fitted to the model's sigma range as in
+    diff-sampler) or in sigma itself (rhoAB), and integrated exactly; 1 NFE per step.
+    order = 4 is the paper's tAB3."""
+    s = floats(sigmas)
+    beta_d, beta_min = vp_fit(model.sigma_min, model.sigma_max)
+    time = (lambda sig: vp_time(sig, beta_d, beta_min)) if mode == "tab" else (lambda sig: sig)
+
+    def weights(i: int, k: int) -> list[float]:
+        # Lagrange basis through the last k points, newest first, integrated over the step
+        return lagrange_integrals([time(sig) for sig in s[i::-1][:k]], s[i], s[i + 1], time)
+
+    return adams_bashforth(model, x, s, order, afs, callback, weights)
