@@ -35,9 +35,8 @@ from .store import Run
 
 DEFAULT_MODEL = "mixture"
 DEFAULT_REPORTERS = "console,csv,markdown,html"
-# The `bench run` options a baseline stores, so that `bench check` can rerun it
-RUN_OPTIONS = ("model", "samplers", "nfe", "schedule", "modifiers", "num_samples", "batch_size",
-               "seed", "metrics", "device")
+# `bench run` options a baseline does not store (it stores the rest, for `bench check` to rerun)
+NOT_STORED = ("command", "func", "out", "quiet", "report")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -204,7 +203,7 @@ def cmd_check(registry: Registry, args: argparse.Namespace) -> int:
     print(format_comparison(cells), end="")
     bad = failures(cells, strict=args.strict)
     if bad:
-        print(f"\ncheck FAILED against {path}: {len(bad)} regression(s) beyond tolerance:", file=sys.stderr)
+        print(f"\ncheck FAILED against {path}; worse than the baseline beyond tolerance:", file=sys.stderr)
         print("\n".join(f"  {line}" for line in bad), file=sys.stderr)
         return 1
     if not any(c.changes for c in cells):
@@ -217,10 +216,11 @@ def cmd_check(registry: Registry, args: argparse.Namespace) -> int:
 
 def cmd_baseline(registry: Registry, args: argparse.Namespace) -> int:
     run_args = build_parser(registry).parse_args(["run", *args.run_args])
-    options = {key: getattr(run_args, key) for key in RUN_OPTIONS}
-    result = rerun(registry, options, args.out, DEFAULT_REPORTERS)
+    options = {k: v if isinstance(v, bool | int | float | str | None) else str(v)
+               for k, v in vars(run_args).items() if k not in NOT_STORED}
+    result = rerun(registry, options, run_args.out, DEFAULT_REPORTERS)
     path = write_baseline(result, baseline_path(args.name), options)
-    out.print(f"baseline written: {path} ({len(result.records)} cells; run in {result.dir})")
+    print(f"baseline written: {path} ({len(result.records)} cells; run in {result.dir})")
     return 0
 
 
@@ -295,7 +295,6 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="`bench baseline update NAME [run options]`: baselines/NAME.json")
     p.add_argument("action", choices=["update"])
     p.add_argument("name", help="NAME for baselines/NAME.json, or a path ending in .json")
-    p.add_argument("--out", type=Path, default=None, help="where the run goes (default: a temporary dir)")
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="`bench run` options, e.g. --nfe 5,10")
     p.set_defaults(func=cmd_baseline)
 

@@ -181,7 +181,7 @@ def compare_cell(
     """The verdict on one cell present in both runs."""
     cell = CellComparison(*cell_key(b), "same")
     # Not comparable: what identifies the measurement changed
-    changed = [f"{k} {_short(b.get(k))} -> {_short(h.get(k))}" for k in IDENTITY if b.get(k) != h.get(k)]
+    changed = [_what_changed(k, b.get(k), h.get(k)) for k in IDENTITY if b.get(k) != h.get(k)]
     if changed:
         cell.verdict, cell.reason = "not comparable", "; ".join(changed)
         return cell
@@ -266,10 +266,12 @@ def _value(v: dict[str, Any] | None) -> float | None:
     return None if v is None else v.get("value")
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in sorted(value.items()))
-    return str(value)
+def _what_changed(key: str, base: Any, head: Any) -> str:
+    """`num_samples 64 -> 128`; for dicts (plugin versions) only the entries that differ."""
+    if isinstance(base, dict) and isinstance(head, dict):
+        keys = sorted(k for k in {*base, *head} if base.get(k) != head.get(k))
+        return "; ".join(f"{key} {k} {base.get(k)} -> {head.get(k)}" for k in keys)
+    return f"{key} {base} -> {head}"
 
 
 # --- Rendering ------------------------------------------------------------------------
@@ -308,7 +310,7 @@ def _num(value: float | None) -> str:
 
 
 def failures(cells: list[CellComparison], strict: bool = False) -> list[str]:
-    """One readable line per offending cell: sampler, budget and the numbers."""
+    """One readable line per offending metric or cell: sampler, budget and the numbers."""
     bad = FAILING + (UNCHECKED if strict else ())
     lines = []
     for c in cells:
@@ -319,8 +321,10 @@ def failures(cells: list[CellComparison], strict: bool = False) -> list[str]:
         if not worse:
             lines.append(f"{where}: {c.verdict}: {c.reason}")
         for ch in worse:
+            unit = " model forward passes per batch" if ch.key == SPEED else ""
             lines.append(
-                f"{where}: {ch.key} {_num(ch.base)} -> {_num(ch.head)} ({_percent(ch.ratio)}), {ch.note}"
+                f"{where}: {ch.key} {_num(ch.base)} -> {_num(ch.head)}{unit} ({_percent(ch.ratio)}), "
+                f"{ch.note}"
             )
     return lines
 
@@ -374,6 +378,9 @@ def run_argv(options: dict[str, Any]) -> list[str]:
     """A baseline's stored run options as `bench run` arguments."""
     argv = []
     for key, value in options.items():
-        if value is not None:
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
     return argv

@@ -184,6 +184,7 @@ pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
 .plots img { width: 540px; border: 1px solid #eee; }
 .grid img { image-rendering: pixelated; width: 160px; }
 .bad { color: #b00; } .dim { color: #888; }
+.env td { text-align: left; }
 """
 
 
@@ -203,12 +204,9 @@ def png_data_uri(data: bytes) -> str:
 
 
 def figure_uri(fig) -> str:
-    """A matplotlib figure as an inline PNG, then closed."""
-    import matplotlib.pyplot as plt
-
+    """A matplotlib figure as an inline PNG."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return png_data_uri(buf.getvalue())
 
 
@@ -222,13 +220,14 @@ def _ok_points(records: list[dict[str, Any]], metric: str) -> dict[str, list[dic
 
 
 def _axes(title: str, xlabel: str, ylabel: str, values: list[float]):
-    """A figure with labelled axes; log quality axis when values span two decades."""
-    import matplotlib
+    """A figure on the Agg canvas (no pyplot state, no display), with labelled axes;
+    a log quality axis when the values span two decades."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if values and min(values) > 0 and max(values) / min(values) > 100:
         ax.set_yscale("log")
@@ -259,11 +258,16 @@ def plot_vs_nfe(records: list[dict[str, Any]], metric: str, title: str) -> str:
 def plot_vs_wall(records: list[dict[str, Any]], metric: str, title: str) -> str:
     """Quality against sampling wall-clock, each cell a point, the Pareto front marked."""
     groups = _ok_points(records, metric)
+    import matplotlib.ticker
+
     cells = [r for rs in groups.values() for r in rs]
     values = [r["metrics"][metric]["value"] for r in cells]
     fig, ax = _axes(f"{title} vs wall-clock", "sampling wall-clock (s)", metric, values)
     ax.set_xscale("log")
     for method, rs in groups.items():
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.plot([r["wall_s"] for r in rs], [r["metrics"][metric]["value"] for r in rs], "o", label=method)
         for r in rs:
             ax.annotate(
@@ -337,7 +341,7 @@ def environment_html(run: Run) -> str:
     }
     rows = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v))}</td></tr>" for k, v in facts.items())
     command = f"<pre>{escape(cfg['command'])}</pre>" if cfg.get("command") else ""
-    return f"<h2>Command and environment</h2>{command}<table><tbody>{rows}</tbody></table>"
+    return f"<h2>Command and environment</h2>{command}<table class='env'><tbody>{rows}</tbody></table>"
 
 
 def render_html(run: Run, console: Console) -> Path:
@@ -349,12 +353,17 @@ def render_html(run: Run, console: Console) -> Path:
         # Per metric: the method x NFE table, quality vs NFE, quality vs wall-clock
         for metric in dict.fromkeys(m for r in records for m in r.get("metrics", {})):
             title = _metric_title(run, metric)
-            plots = [plot_vs_nfe(records, metric, metric), plot_vs_wall(records, metric, metric)]
+            plots = [
+                (f"{metric} vs NFE", plot_vs_nfe(records, metric, metric)),
+                (f"{metric} vs wall-clock, Pareto front marked", plot_vs_wall(records, metric, metric)),
+            ]
             body += [
                 f"<h2>{escape(prefix + title)}</h2>",
                 html_table(grid_frame(records, lambda r, k=metric: cell_text(r, k))),
                 '<div class="plots">'
-                + "".join(f'<img src="{p}" alt="{escape(metric)}">' for p in plots)
+                + "".join(
+                    f'<img src="{uri}" alt="{escape(alt)}" title="{escape(alt)}">' for alt, uri in plots
+                )
                 + "</div>",
             ]
         for key, title in record_keys(records):
