@@ -183,8 +183,8 @@ pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; }
 .plots img { width: 540px; border: 1px solid #eee; }
 .grid img { image-rendering: pixelated; width: 160px; }
-.bad { color: #b00; } .dim { color: #888; }
 .env td { text-align: left; }
+.bad { color: #b00; } .dim { color: #888; }
 """
 
 
@@ -257,17 +257,17 @@ def plot_vs_nfe(records: list[dict[str, Any]], metric: str, title: str) -> str:
 
 def plot_vs_wall(records: list[dict[str, Any]], metric: str, title: str) -> str:
     """Quality against sampling wall-clock, each cell a point, the Pareto front marked."""
-    groups = _ok_points(records, metric)
     import matplotlib.ticker
 
+    groups = _ok_points(records, metric)
     cells = [r for rs in groups.values() for r in rs]
     values = [r["metrics"][metric]["value"] for r in cells]
     fig, ax = _axes(f"{title} vs wall-clock", "sampling wall-clock (s)", metric, values)
     ax.set_xscale("log")
-    for method, rs in groups.items():
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for method, rs in groups.items():
         ax.plot([r["wall_s"] for r in rs], [r["metrics"][metric]["value"] for r in rs], "o", label=method)
         for r in rs:
             ax.annotate(
