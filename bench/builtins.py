@@ -9,6 +9,7 @@ from . import hookimpl
 from .contracts import ModelSource
 from .digits import SOURCES as DIGITS_SOURCES
 from .digits import add_train_command
+from .fidelity import METRICS as FEATURE_METRICS
 from .loaders import SOURCES as CHECKPOINT_SOURCES
 from .metrics import METRICS
 from .models import gaussian, mixture, parse_shape
@@ -46,7 +47,7 @@ def register_models(register):
 
 @hookimpl
 def register_metrics(register):
-    for metric in METRICS:
+    for metric in [*METRICS, *FEATURE_METRICS]:
         register(metric)
 
 

@@ -76,6 +76,7 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
         out=args.out,
         command="bench " + shlex.join(sys.argv[1:]),
         model_options={"trust_pickle": args.trust_pickle},
+        metric_options={k: v for k in ("fid_weights", "ref_stats") if (v := getattr(args, k))},
         dtype=args.dtype,
         channels_last=args.channels_last,
         compile=args.compile,
@@ -255,6 +256,10 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
                    help="run only the cells whose grid index is I mod N (one job of N); join with bench merge")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading pickled models (edm:...); pickles run code, so only files you trust")
+    p.add_argument("--fid-weights", default=None, metavar="PATH",
+                   help="Inception weights for fid-inception (default: torch-fidelity's cache)")
+    p.add_argument("--ref-stats", default=None, metavar="REF",
+                   help="fid-inception reference: EDM .npz of mu/sigma, image folder or dataset name")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="re-render the reports of a run from its results.jsonl")

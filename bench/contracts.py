@@ -202,12 +202,16 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class Value:
-    """One reported number; `n` is the sample count it was computed from."""
+    """One reported number; `n` is the sample count it was computed from.
+
+    `title` is what reports call it, e.g. "FID (digits)" (default: the value's key).
+    """
 
     value: float
     higher_is_better: bool = False
     std: float | None = None
     n: int | None = None
+    title: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -225,7 +229,11 @@ class Batch:
 
 @dataclass
 class MetricContext:
-    """Run-wide facts for a metric; `cache` lives for the whole run (reference solves)."""
+    """Run-wide facts for a metric; `cache` lives for the whole run (reference solves).
+
+    `options` are the run's metric options (`RunConfig.metric_options`, e.g. `fid_weights`
+    and `ref_stats` from `bench run --fid-weights/--ref-stats`).
+    """
 
     model: str
     denoiser: Denoiser
@@ -233,6 +241,7 @@ class MetricContext:
     seed: int
     device: torch.device
     cache: dict[Any, Any]
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class MetricState(Protocol):

@@ -3,7 +3,9 @@
 FID, KID and precision/recall need a feature space in which distances mean something;
 Inception-v3 features of 8x8 digits would not (and its weights cannot be downloaded
 here). This classifier, trained on a fixed stratified train split of the 1797 digits,
-supplies that space: its 64-d penultimate layer (before the activation). It is
+supplies that space: its 64-d penultimate layer, after the ReLU, so features are
+non-negative like Inception's pool3 (and torch-fidelity's cubic KID kernel stays on
+positive numbers, its fast path). It is
 registered with torch-fidelity as the feature extractor `digits-classifier-v1`, so
 torch-fidelity's own functions compute every metric from its features.
 
@@ -89,7 +91,7 @@ class DigitsDataset(Dataset):
 
 
 class DigitsNet(nn.Module):
-    """Conv-conv-pool-conv-pool CNN on 8x8 grey images; `forward` gives (features, logits)."""
+    """Conv-conv-pool-conv-pool-linear-ReLU CNN on 8x8 grey images -> (features, logits)."""
 
     def __init__(self, width: int = 32, dim: int = 64, classes: int = 10) -> None:
         super().__init__()
@@ -104,8 +106,9 @@ class DigitsNet(nn.Module):
             nn.AvgPool2d(2),
             nn.Flatten(),
             nn.Linear(2 * width * 4, dim),
+            nn.ReLU(),
         )
-        self.head = nn.Sequential(nn.SiLU(), nn.Dropout(0.2), nn.Linear(dim, classes))
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(dim, classes))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = self.body(x)

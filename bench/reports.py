@@ -94,13 +94,14 @@ def tables(run: Run) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _metric_title(run: Run, name: str) -> str:
-    """`fd (lower is better, n=1000)`: direction and sample count belong to the metric."""
+    """`FID (digits) (lower is better, n=1000)`: title, direction and sample count belong to
+    the metric; the title defaults to the value's key."""
     for r in run.records:
         v = r.get("metrics", {}).get(name)
         if v is not None:
             better = "higher" if v.get("higher_is_better") else "lower"
             n = f", n={v['n']}" if v.get("n") else ""
-            return f"{name} ({better} is better{n})"
+            return f"{v.get('title') or name} ({better} is better{n})"
     return name
 
 

@@ -90,6 +90,7 @@ class RunConfig:
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     model_options: dict[str, Any] = field(default_factory=dict)  # e.g. trust_pickle; not identity
+    metric_options: dict[str, Any] = field(default_factory=dict)  # e.g. ref_stats; identity if set
     dtype: str = "fp32"  # autocast precision of the network: fp32, bf16 or fp16
     channels_last: bool = False
     compile: bool = False
@@ -107,6 +108,7 @@ class RunConfig:
             "seed": self.seed,
             "metrics": self.metrics,
             "device": torch.device(self.device).type,
+            **({"metric_options": self.metric_options} if self.metric_options else {}),
             # The network's speed options, where they differ from the defaults
             **{k: v for k, v in self.speed_options().items() if v != SPEED_DEFAULTS[k]},
         }
@@ -374,7 +376,7 @@ def run_cell(
                                      device, sampler, schedule, sched_spec, plan, options, on_batch, world)}
     except Infeasible as exc:  # e.g. a modifier that does not apply to this model
         return {**record, "status": "infeasible", "reason": str(exc)}
-    except (KeyboardInterrupt, PluginError, UsageError, DistributedError):
+    except (KeyboardInterrupt, PluginError, UsageError, ModelLoadError, DistributedError):
         raise
     except Exception as exc:
         return {**record, "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
@@ -388,7 +390,7 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
         _setup, registry, cell, denoiser, device, sampler, schedule, sched_spec, plan, options))
     # Metrics live on rank 0, created per cell and fed batch by batch, in batch order
     ctx = MetricContext(cell.model, full_precision(denoiser), config.num_samples, config.seed, device,
-                        cache)
+                        cache, config.metric_options)
     states: dict[str, Any] = {}
     world.on_main(lambda: states.update({n: registry.get("metrics", n).create(ctx) for n in metric_names}))
     tally = Tally()

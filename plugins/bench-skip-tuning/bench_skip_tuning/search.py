@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import tempfile
 import time
 from itertools import product
@@ -176,6 +175,28 @@ def search(
     return {"best": best, "scores": scores, "sign": sign}
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The `bench skip-tune` command that reproduces this search."""
+    options = (
+        "model",
+        "samplers",
+        "nfe",
+        "schedule",
+        "metric",
+        "num_samples",
+        "batch_size",
+        "seed",
+        "rho_bottom",
+        "rho_top",
+        "refine",
+    )
+    argv = ["skip-tune"]
+    for key in options:
+        if getattr(args, key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return "bench " + shlex.join(argv)
+
+
 def cmd_skip_tune(registry: Registry, args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.num_samples < 2:
@@ -231,7 +252,7 @@ def cmd_skip_tune(registry: Registry, args: argparse.Namespace) -> int:
             "num_samples": args.num_samples,
             "seed": args.seed,
             "candidates": len(scores) - 1,
-            "command": "bench " + shlex.join(sys.argv[1:]),
+            "command": command_line(args),
             "plugin": f"bench-skip-tuning=={__version__}",
             "torch": torch.__version__,
         }
