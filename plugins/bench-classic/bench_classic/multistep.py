@@ -93,7 +93,7 @@ def sample_dpmpp(
     ms: list[Tensor] = []
     for i in range(len(s) - 1):
         # Evaluate at the new point and keep the last `order` predictions
-        denoised = denoise(model, x, s[i], afs and i == 0)
+        denoised = denoise(model, x, s[i], afs is True and i == 0)
         ms = (ms + [denoised])[-order:]
         # Step: the denoise to 0, or a multistep update of the allowed order
         if s[i + 1] == 0:
@@ -200,7 +200,7 @@ def sample_unipc(
     ms: list[Tensor] = []
     x_last, k_last = x, 0
     for i in range(len(s) - 1):
-        denoised = denoise(model, x, s[i], afs and i == 0)
+        denoised = denoise(model, x, s[i], afs is True and i == 0)
         # Corrector for the step that landed here, with this evaluation
         if k_last and s[i + 1] > 0:
             x = unipc_update(x_last, s[i], s[:i][-k_last:], ms[-k_last:], variant, m_t=denoised)
@@ -224,7 +224,7 @@ def adams_bashforth(model, x, s: list[float], order: int, afs: bool, callback, w
     weights (fewer during warm-up). A step to sigma = 0 is the denoise."""
     ds: list[Tensor] = []
     for i in range(len(s) - 1):
-        denoised = denoise(model, x, s[i], afs and i == 0)
+        denoised = denoise(model, x, s[i], afs is True and i == 0)
         ds = ([to_d(x, s[i], denoised)] + ds)[:order]
         # Multistep update of the available order, or the denoise to 0
         if s[i + 1] == 0:

@@ -28,7 +28,8 @@ def floats(sigmas) -> list[float]:
 
 def denoise(model, x: Tensor, sigma: float, afs: bool = False) -> Tensor:
     """D(x, sigma); with AFS, the analytical first step of Zhou et al. (2024, AMED):
-    d = x / sqrt(1 + sigma^2), i.e. D = x - sigma d, and no network call."""
+    d = x / sqrt(1 + sigma^2), i.e. D = x - sigma d, and no network call. Samplers pass
+    `afs is True` on their first step: an undecided afs="auto" (no planner) means no AFS."""
     if afs:
         return x - sigma / math.sqrt(1 + sigma**2) * x
     return model(x, sigma)
@@ -85,7 +86,7 @@ def sample_euler(model, x, sigmas, *, noise=None, callback=None, afs=False, **ch
         # Churn: move up to sigma_hat with fresh noise (a no-op when churn = 0)
         x, sigma_hat = raise_noise(model, x, s[i], len(s) - 1, noise, **churn)
         # Euler step from sigma_hat to sigma_next
-        denoised = denoise(model, x, sigma_hat, afs and i == 0)
+        denoised = denoise(model, x, sigma_hat, afs is True and i == 0)
         x = x + (s[i + 1] - sigma_hat) * to_d(x, sigma_hat, denoised)
         report(callback, i, x, s[i], s[i + 1], denoised)
     return x
@@ -101,7 +102,7 @@ def sample_heun(model, x, sigmas, *, noise=None, callback=None, afs=False, **chu
         # Churn: move up to sigma_hat with fresh noise (a no-op when churn = 0)
         x_hat, sigma_hat = raise_noise(model, x, s[i], len(s) - 1, noise, **churn)
         # Euler step from sigma_hat to sigma_next
-        denoised = denoise(model, x_hat, sigma_hat, afs and i == 0)
+        denoised = denoise(model, x_hat, sigma_hat, afs is True and i == 0)
         d_cur = to_d(x_hat, sigma_hat, denoised)
         x = x_hat + (sigma_next - sigma_hat) * d_cur
         # Trapezoidal correction, skipped on the step to 0
@@ -174,7 +175,7 @@ def sample_dpm_solver(
     orders = list(orders) if orders is not None else [order] * (len(s) - 1)
     for i in range(len(s) - 1):
         # The slope at the start of the step (analytical with AFS)
-        denoised = denoise(model, x, s[i], afs and i == 0)
+        denoised = denoise(model, x, s[i], afs is True and i == 0)
         if s[i + 1] == 0:
             x = denoised
         else:
