@@ -21,7 +21,7 @@ from rich.table import Table
 from bench.contracts import resolve_options
 from bench.errors import Infeasible, UsageError
 from bench.nfe import CountingDenoiser
-from bench.runner import Spec, load_model, parse_nfe
+from bench.runner import Spec, load_model, make_sigmas, parse_nfe
 
 from . import cache
 from .prepare import prepare
@@ -135,16 +135,7 @@ def cmd_fit(registry, args: argparse.Namespace) -> int:
 
 def schedule_sigmas(registry, text: str, sampler, plan, denoiser, device) -> torch.Tensor:
     """The cell's sigmas, computed as the runner computes them."""
-    spec = Spec(sampler.default_schedule) if text == "default" else Spec.parse(text)
+    spec = Spec.parse(sampler.default_schedule if text == "default" else text)
     schedule = registry.get("schedules", spec.name)
     options = resolve_options("schedule", schedule.name, schedule.options, dict(spec.options))
-    sigmas = schedule.sigmas(
-        plan.steps,
-        denoiser.sigma_min,
-        denoiser.sigma_max,
-        to_zero=plan.to_zero,
-        denoiser=denoiser,
-        device=device,
-        **options,
-    )
-    return torch.as_tensor(sigmas, dtype=torch.float32, device=device)
+    return make_sigmas(schedule, options, plan, denoiser, device)

@@ -3,8 +3,8 @@ Models in Around 5 Steps", Sec. 3.3): a tiny network that gives, for one interva
 sigma_cur -> sigma_next, the intermediate point r, the direction scale c and the time
 scale a of the mean-value step.
 
-Inputs are positional embeddings of both sigmas and, when the model exposes it, the UNet
-bottleneck feature of the call at sigma_cur, averaged over channels (at most 8x8). A
+Inputs are positional embeddings of both sigmas and, when the model exposes it, a summary
+of the UNet bottleneck feature of the call at sigma_cur (`bottleneck_summary`). A
 predictor without the feature ("sigma-only") learns one (r, c, a) per interval. Sigmoid
 heads bound the outputs: r in (0, 1), c in [1 - scale_dir, 1 + scale_dir],
 a in [1 - scale_time, 1 + scale_time]. The heads start at zero, so an unfitted predictor
@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from bench.errors import UsageError
 
-MAX_SIDE = 8  # the bottleneck is averaged down to at most MAX_SIDE x MAX_SIDE
+MAX_SIDE = 8  # larger bottlenecks are averaged down to MAX_SIDE x MAX_SIDE
+MAX_FEATURES = MAX_SIDE * MAX_SIDE  # numbers per sample the predictor reads from the bottleneck
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,17 @@ class PredictorConfig:
 
 
 def bottleneck_summary(feature: Tensor) -> Tensor:
-    """[B, C, h, w] bottleneck -> [B, h' * w']: the channel mean, pooled to at most 8x8."""
-    mean = feature.float().mean(1, keepdim=True)
-    h, w = mean.shape[-2:]
-    if h > MAX_SIDE or w > MAX_SIDE:
-        mean = F.adaptive_avg_pool2d(mean, (min(h, MAX_SIDE), min(w, MAX_SIDE)))
-    return mean.flatten(1)
+    """[B, C, h, w] bottleneck -> [B, g * h' * w'], at most MAX_FEATURES numbers per sample.
+
+    The paper's summary is the channel mean of an 8x8 bottleneck (64 numbers). Larger maps
+    are average-pooled to 8x8 first; smaller ones keep the channel mean of g channel groups,
+    the most groups (dividing C) that fit, so a 2x2 map with 96 channels gives 16 x 2 x 2.
+    """
+    if feature.shape[-2] * feature.shape[-1] > MAX_FEATURES:
+        feature = F.adaptive_avg_pool2d(feature, (MAX_SIDE, MAX_SIDE))
+    b, c, h, w = feature.shape
+    groups = max(g for g in range(1, c + 1) if c % g == 0 and g * h * w <= max(MAX_FEATURES, h * w))
+    return feature.float().reshape(b, groups, c // groups, h, w).mean(2).flatten(1)
 
 
 def sigma_embedding(sigma: Tensor, channels: int) -> Tensor:

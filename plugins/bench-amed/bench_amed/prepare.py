@@ -20,6 +20,16 @@ from .solvers import make_base
 
 BASE_OPTIONS = {"ipndm": ("max_order",), "dpm++2m": ("lower_order_final",)}
 KINDS = ("auto", "bottleneck", "sigma-only")
+# FitOptions field -> sampler option
+FIT_OPTIONS = {
+    "teacher": "teacher",
+    "teacher_m": "teacher_m",
+    "samples": "fit_samples",
+    "batch": "fit_batch",
+    "epochs": "fit_epochs",
+    "seed": "fit_seed",
+    "lr": "fit_lr",
+}
 
 
 def predictor_kind(denoiser, wanted: str) -> str:
@@ -41,13 +51,7 @@ def settings(
         scale_dir=check_scale("scale_dir", options["scale_dir"]),
         scale_time=check_scale("scale_time", options["scale_time"]),
     )
-    fit = FitOptions(
-        teacher=options["teacher"],
-        teacher_m=options["teacher_m"],
-        samples=options["fit_samples"],
-        batch=options["fit_batch"],
-        seed=options["fit_seed"],
-    )
+    fit = FitOptions(**{field: options[option] for field, option in FIT_OPTIONS.items()})
     base_options = {k: options[k] for k in BASE_OPTIONS.get(base, ())}
     shape = {k: v for k, v in config.to_json().items() if k != "feature_dim"}
     key = cache.cache_key(
@@ -84,7 +88,7 @@ def prepare(
             break
         predictor, status = cache.load(directory / entry, key)
         if predictor is not None:
-            return {**result, "predictor": predictor, "predictor_source": source}
+            return {**result, "fitted_predictor": predictor, "predictor_source": source}
         if status != "missing":
             notes.append(f"{source} entry {status}")
     # Fit: distillation from the teacher, then store it
@@ -106,4 +110,4 @@ def prepare(
         cache.save((out or cache.cache_dir()) / entry, predictor, key, stats)
     except OSError as exc:  # an unwritable cache costs a refit next time, not the cell
         source += f", not cached: {exc}"
-    return {**result, "predictor": predictor, "predictor_source": source, "fit_s": stats["fit_s"]}
+    return {**result, "fitted_predictor": predictor, "predictor_source": source, "fit_s": stats["fit_s"]}

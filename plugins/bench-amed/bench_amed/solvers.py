@@ -228,7 +228,7 @@ def sample_amed(
     sigmas,
     *,
     base: str,
-    predictor: AMEDPredictor | None = None,
+    fitted_predictor: AMEDPredictor | None = None,
     afs: bool = False,
     noise=None,
     callback=None,
@@ -236,14 +236,14 @@ def sample_amed(
 ) -> Tensor:
     """AMED over the schedule (ending at sigma_min > 0); NFE = 2 * intervals - [AFS].
 
-    Without a `predictor` (an unprepared call) every interval takes r = 1/2, c = a = 1.
+    `fitted_predictor` comes from the prepare stage; without it (an unprepared call) every
+    interval takes r = 1/2, c = a = 1.
     """
     if float(sigmas[-1]) <= 0:
         raise UsageError("AMED intervals end at sigma_min > 0; use a schedule without the final 0")
     solver = make_base(base, options)
     hist = solver.history(len(sigmas) - 1)
-    if predictor is not None:
-        predictor = predictor.to(x.device)
+    predictor = fitted_predictor.to(x.device) if fitted_predictor is not None else None
     for i in range(len(sigmas) - 1):
         # One interval: two calls, the first replaced by AFS on the first interval when asked
         x = amed_interval(model, x, sigmas[i], sigmas[i + 1], solver, predictor, hist, afs and i == 0)
