@@ -1,0 +1,104 @@
+"""NFE budgets through the real runner: counted calls equal the budget, or the cell is
+infeasible with the planner's reason; `bench list` shows each sampler's NFE rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import cli
+from bench.errors import Infeasible, UsageError
+from bench.runner import Method, RunConfig, Spec, run
+from bench.testing import samplers_of
+
+BUDGETS = list(range(3, 21))
+# Non-default conventions whose budgets are all reachable too
+VARIANTS = [
+    "heun:denoise_to_zero=false",
+    "dpm-solver-2:denoise_to_zero=false",
+    "dpm-solver-3:afs=true",
+    "unipc:order=2:variant=bh1",
+    "ipndm:afs=true",
+    "euler:churn=10",
+    "dpm++3m:lower_order_final=false:denoise_to_zero=false",
+]
+
+
+def run_grid(registry, tmp_path, specs, budgets=BUDGETS):
+    config = RunConfig(
+        models=["mixture"],
+        methods=[Method(Spec.parse(s)) for s in specs],
+        nfe=budgets,
+        num_samples=4,
+        batch_size=4,
+        metrics=["fd"],
+        out=tmp_path / "run",
+    )
+    return run(registry, config)[1]
+
+
+def check_counted(records, specs, budgets):
+    assert len(records) == len(specs) * len(budgets)
+    for r in records:
+        cell = f"{r['sampler']} @ NFE {r['nfe']}"
+        assert r["status"] == "ok", f"{cell}: {r.get('reason')}"
+        assert r["nfe_counted"] == r["plan_nfe"] == r["nfe"], cell
+        assert "reason" not in r, f"{cell}: {r['reason']}"
+
+
+def test_counted_nfe_equals_every_budget_from_3_to_20(registry, tmp_path):
+    specs = samplers_of("bench-classic")
+    check_counted(run_grid(registry, tmp_path, specs), specs, BUDGETS)
+
+
+def test_other_conventions_count_exactly_too(registry, tmp_path):
+    check_counted(run_grid(registry, tmp_path, VARIANTS, BUDGETS[:6]), VARIANTS, BUDGETS[:6])
+
+
+def test_forced_afs_makes_the_other_parity_infeasible_with_a_reason(registry, tmp_path):
+    records = run_grid(registry, tmp_path, ["heun:afs=false", "dpm-solver-2:afs=true"], [6, 7])
+    status = {(r["sampler"], r["nfe"]): r for r in records}
+    assert status[("heun:afs=false", 7)]["status"] == "ok"
+    assert status[("dpm-solver-2:afs=true", 6)]["status"] == "ok"
+    for key in (("heun:afs=false", 6), ("dpm-solver-2:afs=true", 7)):
+        assert status[key]["status"] == "infeasible"
+        assert "afs=auto reaches it" in status[key]["reason"]
+
+
+def test_planners_follow_the_documented_rules(registry):
+    plan = lambda text, nfe: registry.get("samplers", text).plan(  # noqa: E731
+        nfe, {**registry.get("samplers", text).options}
+    )
+    # Heun (EDM): NFE = 2 steps - 1 with the step to 0; AFS (diff-sampler) for even budgets
+    assert (plan("heun", 35).steps, plan("heun", 35).options["afs"]) == (18, False)
+    assert (plan("heun", 6).steps, plan("heun", 6).options["afs"]) == (4, True)
+    # DPM-Solver-fast's orders: third order, then 2/1, summing to the budget less the denoise
+    assert plan("dpm-solver-3", 10).options["orders"] == (3, 3, 2, 1)
+    assert plan("dpm-solver-3", 11).options["orders"] == (3, 3, 3, 1)
+    # UniPC's recommended variant: bh1 below 10 steps, bh2 from 10
+    assert plan("unipc", 9).options["variant"] == "bh1"
+    assert plan("unipc", 10).options["variant"] == "bh2"
+    # One NFE per step; without the final denoise the schedule ends at sigma_min
+    p = registry.get("samplers", "dpm++2m").plan(5, {"afs": "auto", "denoise_to_zero": False})
+    assert (p.steps, p.to_zero) == (5, False)
+
+
+def test_bad_option_values_are_usage_errors_and_impossible_budgets_infeasible(registry):
+    unipc = registry.get("samplers", "unipc")
+    with pytest.raises(UsageError, match="order=5"):
+        unipc.plan(10, {**unipc.options, "order": 5})
+    with pytest.raises(UsageError, match="afs=maybe"):
+        unipc.plan(10, {**unipc.options, "afs": "maybe"})
+    heun = registry.get("samplers", "heun")
+    with pytest.raises(Infeasible, match="not of that form"):
+        heun.plan(1, {**heun.options, "afs": True})
+
+
+def test_bench_list_shows_every_nfe_rule(registry, capsys, monkeypatch):
+    monkeypatch.setattr(cli.out, "width", 400)
+    assert cli.main(["list", "samplers"]) == 0
+    out = capsys.readouterr().out
+    for name in samplers_of("bench-classic"):
+        sampler = registry.get("samplers", name)
+        row = next(line for line in out.splitlines() if f" {name} " in line)
+        assert sampler.nfe_rule in row, row
+        assert sampler.default_schedule in row, row
