@@ -468,7 +468,7 @@ def load_diffusers(arg: str | None, device=None, **_: Any) -> Denoiser:
     target, opts = split_arg("diffusers", arg, {"prediction": None, "class": None})
     unet_dir, scheduler_config = diffusers_layout(resolve_diffusers(target))
     scheduler = read_scheduler(scheduler_config)
-    unet = UNet2DModel.from_pretrained(unet_dir).eval()
+    unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False).eval()
     # Prediction type: the option, else the scheduler config's
     prediction = opts["prediction"] or scheduler.config.get("prediction_type", "epsilon")
     prediction = PREDICTION_ALIASES.get(prediction, prediction)
