@@ -137,9 +137,13 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: Tensor, c_noise: Tensor, return_bottleneck: bool = False):
-        # Noise embedding, computed once per distinct noise level in the batch
-        levels, which = torch.unique(c_noise.expand(len(x)), return_inverse=True)
-        emb = self.embed(levels)[which]
+        # Noise embedding, computed once per distinct noise level in the batch (per sample
+        # when c_noise needs a gradient, e.g. a fitted sampler's learned sigma: unique has none)
+        if c_noise.requires_grad:
+            emb = self.embed(c_noise.expand(len(x)))
+        else:
+            levels, which = torch.unique(c_noise.expand(len(x)), return_inverse=True)
+            emb = self.embed(levels)[which]
         # Encoder: keep each level's output as its named skip
         h, skips = self.stem(x), {}
         for name, block in zip(self.skip_names, self.down, strict=True):
