@@ -26,7 +26,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def solve(registry):
     """`solve(model, "name:key=value", nfe, eps)`: plan the budget, build the sampler's default
     (or given) schedule on `model`, and sample from sigma_max * eps under the real NFE

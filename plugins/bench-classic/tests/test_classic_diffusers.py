@@ -54,14 +54,16 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours.double() - theirs.double()).norm() / theirs.double().norm())
 
 
-def drive(scheduler, net, x_T: torch.Tensor, sigma_0: float, *, vp: bool, noises=None, eta=0.0):
-    """diffusers' sampling loop; VP schedulers start from x_T / sqrt(1 + sigma_0^2)."""
-    sample = x_T / math.sqrt(1 + sigma_0**2) if vp else x_T
+def drive(scheduler, net, x_T: torch.Tensor, sigmas: torch.Tensor, *, vp: bool, noises=None, eta=0.0):
+    """diffusers' sampling loop. VP schedulers work on x / sqrt(1 + sigma^2): they start from
+    x_T scaled so and their result is scaled back (the identity when it ends at sigma = 0)."""
+    scale = lambda sigma: math.sqrt(1 + float(sigma) ** 2) if vp else 1.0  # noqa: E731
+    sample = x_T / scale(sigmas[0])
     for i, t in enumerate(scheduler.timesteps):
         eps = net(scheduler.scale_model_input(sample, t), t)
         extra = {"eta": eta, "variance_noise": noises[i]} if noises is not None else {}
         sample = scheduler.step(eps, t, sample, **extra).prev_sample
-    return sample
+    return sample * scale(sigmas[-1])
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_ddim_equals_diffusers_ddim(registry, setup, spacing, steps):
     scheduler = DDIMScheduler(**DDPM, clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing)
     scheduler.set_timesteps(steps)
     assert torch.allclose(sigmas[:-1].double(), net.sigmas[scheduler.timesteps].float().double())
-    theirs = drive(scheduler, net, eps * sigmas[0], float(sigmas[0]), vp=True)
+    theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=True)
     assert relative_error(x0, theirs) < TOL
 
 
@@ -106,7 +108,7 @@ def test_stochastic_ddim_equals_diffusers_ddim_with_the_same_noise(registry, set
     x0, sigmas = ours(registry, model, eps, f"ddim:eta={eta}", steps, noise=lambda: next(stream))
     scheduler = DDIMScheduler(**DDPM, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     scheduler.set_timesteps(steps)
-    theirs = drive(scheduler, net, eps * sigmas[0], float(sigmas[0]), vp=True, noises=noises, eta=eta)
+    theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=True, noises=noises, eta=eta)
     assert relative_error(x0, theirs) < TOL
     # The noise matters: a deterministic run lands elsewhere
     assert relative_error(ours(registry, model, eps, "ddim", steps)[0], theirs) > 100 * TOL
@@ -119,7 +121,7 @@ def test_euler_equals_diffusers_euler(registry, setup, spacing):
     scheduler = EulerDiscreteScheduler(**DDPM, timestep_spacing=spacing)
     scheduler.set_timesteps(12)
     assert torch.allclose(sigmas, scheduler.sigmas, rtol=1e-6)
-    theirs = drive(scheduler, net, eps * sigmas[0], float(sigmas[0]), vp=False)
+    theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=False)
     assert relative_error(x0, theirs) < TOL
 
 
@@ -140,7 +142,7 @@ def test_dpmpp_multistep_equals_diffusers(registry, setup, order, steps):
     )
     scheduler.set_timesteps(steps)
     assert torch.allclose(sigmas, scheduler.sigmas, rtol=1e-6)
-    theirs = drive(scheduler, net, eps * sigmas[0], float(sigmas[0]), vp=True)
+    theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=True)
     assert relative_error(x0, theirs) < TOL
 
 
@@ -165,7 +167,7 @@ def test_unipc_equals_diffusers(registry, setup, variant, order):
     assert torch.allclose(sigmas[:-1], ours(registry, model, eps, "unipc", 12)[1][:-1], rtol=1e-6)
     sampler = registry.get("samplers", "unipc")
     x0 = sampler.sample(model, eps * sigmas[0], sigmas, variant=variant, order=order, lower_order_final=True)
-    theirs = drive(scheduler, net, eps * sigmas[0], float(sigmas[0]), vp=True)
+    theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=True)
     assert relative_error(x0, theirs) < TOL
 
 
@@ -184,5 +186,5 @@ def test_unipc_bh2_to_zero_equals_diffusers(registry, setup):
     )
     scheduler.set_timesteps(12)
     assert torch.allclose(sigmas, scheduler.sigmas, rtol=1e-6)
-    theirs = drive(scheduler, net, eps * sigmas[0], float(sigmas[0]), vp=True)
+    theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=True)
     assert relative_error(x0, theirs) < TOL
