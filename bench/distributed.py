@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,11 +100,11 @@ class World:
         try:
             fn(*args, **kwargs)
         except RuntimeError as exc:  # gloo: a peer closed its connection, or the timeout passed
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            detail = re.sub(r"\[[^\]]*\.(cc|cpp):\d+\]\s*", "", str(exc)).strip().split(". ")[0][:120]
             raise DistributedError(
-                f"rank {self.rank} of {self.size} lost contact with the other processes ({first}); "
-                "one of them failed (its error is printed above); finished cells are kept, "
-                "rerun the same command to resume"
+                f"rank {self.rank} of {self.size} lost contact with the other processes ({detail}): "
+                "one of them failed (see its error above, or torchrun's summary); finished cells "
+                "are kept, rerun the same command to resume"
             ) from None
 
     # Failures: the first one, as rank 0 sees it, is raised on every rank

@@ -88,10 +88,14 @@ class Case:
     schedule: Schedule
     schedule_options: dict[str, Any]
     model: GaussianMixture
+    stochastic: bool
     prepared: dict[int, dict[str, Any]] = field(default_factory=dict)  # by budget
 
     @classmethod
-    def of(cls, name: str, options: Mapping[str, Any] | None = None, shape=SHAPE) -> Case:
+    def of(
+        cls, name: str, options: Mapping[str, Any] | None = None, shape=SHAPE, stochastic: bool | None = None
+    ) -> Case:
+        """`stochastic` overrides the sampler's declaration, for options that add noise."""
         sampler = registry().get("samplers", name)
         spec = Spec.parse(sampler.default_schedule)
         schedule = registry().get("schedules", spec.name)
@@ -102,11 +106,8 @@ class Case:
             schedule,
             resolve_options("schedule", spec.name, schedule.options, dict(spec.options)),
             gaussian(shape=shape),
+            sampler.stochastic if stochastic is None else stochastic,
         )
-
-    @property
-    def stochastic(self) -> bool:
-        return self.sampler.stochastic
 
     def feasible(self, budgets: Iterable[int]) -> list[int]:
         """The budgets the planner accepts."""
@@ -235,7 +236,7 @@ def check_batch_invariance(case: Case, nfe: int) -> None:
     )
 
 
-def ode_error(case: Case, nfe: int, n: int = 16) -> float:
+def ode_error(case: Case, nfe: int, n: int = 8) -> float:
     """RMS distance of n samples to the exact ODE solution between the schedule's ends."""
     s = solve(case, nfe, range(n))
     exact = case.model.ode_solution(s.x_init.double(), float(s.sigmas[0]), float(s.sigmas[-1]))
@@ -262,7 +263,7 @@ def check_convergence(
     return errors
 
 
-def check_moments(case: Case, nfe: int, n: int = 512) -> dict[int, float]:
+def check_moments(case: Case, nfe: int, n: int = 256) -> dict[int, float]:
     """The samples' per-pixel mean and variance match the exact data distribution's (at the
     schedule's last sigma): the mean square of their z-scores stays below 3 (about 1 when
     right; a variance 20% off gives about 10)."""
@@ -288,10 +289,12 @@ def check_sampler(
     high: int = 128,
     order: float | None = None,
     tol: float = 0.01,
+    stochastic: bool | None = None,
 ) -> dict[int, float]:
-    """Every check on the installed sampler `name` with `options` (e.g. a smaller fit);
-    returns the convergence errors (or moment scores) by NFE."""
-    case = Case.of(name, options)
+    """Every check on the installed sampler `name` with `options` (e.g. a smaller fit, or
+    options that add noise, with `stochastic=True`); returns the convergence errors (or
+    moment scores) by NFE."""
+    case = Case.of(name, options, stochastic=stochastic)
     feasible = check_planner(case, budgets)
     check_nfe(case, feasible)
     nfe = feasible[len(feasible) // 2]
