@@ -369,7 +369,7 @@ def test_diffusers_euler_step_is_diffusers_ddim(prediction, diffusers_dirs, regi
             x = x_vp * (1 + sigma**2).sqrt()
             d_cur = (x - d(x, sigma)) / sigma
             x_next = x + (sigma_next - sigma) * d_cur
-        assert torch.allclose(x_next / (1 + sigma_next**2).sqrt(), ref, atol=1e-4, rtol=1e-4)
+        assert torch.allclose(x_next / (1 + sigma_next**2).sqrt(), ref, atol=2e-5, rtol=0)
 
 
 def test_diffusers_offline_is_one_line_through_the_cli(tmp_path):
@@ -414,6 +414,14 @@ FACTORY_SRC = textwrap.dedent("""
 
     def build(kind="edm", prediction="eps", channels=4):
         return {"net": Net(channels), "shape": (1, 8, 8), "kind": kind, "prediction": prediction}
+
+    def build_discrete():
+        a = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+        return {"net": Net(4), "shape": (1, 8, 8), "kind": "discrete", "alphas_cumprod": a}
+
+    def build_denoiser():
+        from bench.models import gaussian
+        return gaussian(shape=(1, 8, 8))
 """)
 
 
@@ -447,6 +455,15 @@ def test_factory_vp_v_prediction_with_safetensors(factory, registry):
         v = net(x_vp, 999 * t)
         assert torch.allclose(d(x, sigma), (x_vp - s * v) / (1 + s**2).sqrt(), atol=1e-5)
     assert d.sigma_max == pytest.approx(math.sqrt(math.exp(0.5 * beta_d + beta_min) - 1))
+
+
+def test_factory_discrete_and_ready_denoisers(factory, registry):
+    path = factory[0]
+    d = load_model(registry, f"factory:{path}:build_discrete", CPU)
+    check_contract(d, (1, 8, 8))
+    assert d.sigma_min == pytest.approx(math.sqrt(1e-4 / (1 - 1e-4))) and d.prediction == "epsilon"
+    ready = load_model(registry, f"factory:{path}:build_denoiser", CPU)
+    assert type(ready).__name__ == "GaussianMixture" and ready.shape == (1, 8, 8)
 
 
 def test_factory_errors_are_one_line(factory, tmp_path):
