@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .predictor import AMEDPredictor, PredictorConfig, weights_are_finite
 
 FORMAT = 1
 PACKAGED = Path(__file__).parent / "fitted"
+META = "bench_amed"  # the safetensors metadata name
 
 
 def cache_dir() -> Path:
@@ -72,18 +73,22 @@ def entry_name(key: dict[str, Any]) -> str:
 
 
 def save(path: Path, predictor: AMEDPredictor, key: dict[str, Any], stats: dict[str, Any]) -> Path:
-    """Write atomically: a temporary file in the same directory, then a rename."""
+    """Write atomically (a temporary file, then a rename). The metadata is one JSON string
+    under one name: safetensors orders several names arbitrarily, which would make the
+    bytes of two identical fits differ."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in predictor.state_dict().items()}
-    meta = {
-        "key": json.dumps(key, sort_keys=True),
-        "config": json.dumps(predictor.config.to_json()),
-        "stats": json.dumps(stats),
-    }
+    meta = {"key": key, "config": predictor.config.to_json(), "stats": stats}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_file(tensors, str(tmp), metadata={META: json.dumps(meta, sort_keys=True)})
     os.replace(tmp, path)
     return path
+
+
+def metadata(path: Path) -> dict[str, Any]:
+    """A stored predictor's key, predictor shape ("config") and fit statistics."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {})[META])
 
 
 def load(path: Path, key: dict[str, Any]) -> tuple[AMEDPredictor | None, str]:
@@ -91,21 +96,13 @@ def load(path: Path, key: dict[str, Any]) -> tuple[AMEDPredictor | None, str]:
     if not path.is_file():
         return None, "missing"
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if json.loads(meta["key"]) != json.loads(json.dumps(key)):
+        meta = metadata(path)
+        if meta["key"] != json.loads(json.dumps(key)):
             return None, "stale"
-        predictor = AMEDPredictor(PredictorConfig(**json.loads(meta["config"])))
-        predictor.load_state_dict(tensors, strict=True)
+        predictor = AMEDPredictor(PredictorConfig(**meta["config"]))
+        predictor.load_state_dict(load_file(str(path)), strict=True)
     except Exception:  # unreadable, truncated, wrong shapes, bad metadata: refit
         return None, "corrupt"
     if not weights_are_finite(predictor):
         return None, "corrupt"
     return predictor.eval().requires_grad_(False), "ok"
-
-
-def stats_of(path: Path) -> dict[str, Any]:
-    """The fit statistics stored with a predictor."""
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("stats", "{}"))
