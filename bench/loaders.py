@@ -155,9 +155,7 @@ def fetch(url: str, dest: Path, what: str) -> Path:
         os.replace(part, dest)
     except (OSError, ValueError, urllib.error.URLError) as exc:
         part.unlink(missing_ok=True)
-        raise ModelLoadError(
-            f"{what} is not cached and {url} cannot be fetched ({reason(exc)}); {hint}"
-        ) from None
+        raise ModelLoadError(f"{what} is not cached and cannot be fetched ({reason(exc)}); {hint}") from None
     return dest
 
 
