@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from functools import partial
 
+from bench_classic.budgets import plan_steps
+
 from bench import Plan, Sampler
-from bench.errors import Infeasible
 
 from .prepare import prepare
 from .solvers import sample_amed
 
 # Options every AMED sampler has: the budget's AFS, the predictor's input, the fit
 COMMON = {
-    "afs": True,  # allow AFS, which is how odd budgets are met
+    "afs": "auto",  # AFS where the parity needs it (odd budgets, as in the paper), true or false
     "predictor": "auto",  # auto (bottleneck when the model has one), bottleneck or sigma-only
     "teacher": "heun",
     "teacher_m": 3,
@@ -25,15 +26,14 @@ COMMON = {
     "scale_time": 0.2,
 }
 
-NFE_RULE = "NFE = 2*steps - AFS (AFS on odd budgets)"
+NFE_RULE = "NFE = 2*steps - afs (afs=auto: AFS on odd budgets)"
 
 
 def plan_amed(nfe: int, options) -> Plan:
-    """Two calls per interval; AFS replaces the first call, which meets odd budgets (paper)."""
-    afs = nfe % 2 == 1
-    if afs and not options.get("afs", True):
-        raise Infeasible(f"AMED spends 2 NFE per interval; the odd budget {nfe} needs afs=true")
-    return Plan(steps=(nfe + 1) // 2, nfe=nfe, to_zero=False, options={"afs": afs})
+    """Two calls per interval, ending at sigma_min (the paper's accounting); AFS saves the
+    first call, which is how odd budgets are met. bench-classic's planner, without the
+    denoise to zero."""
+    return plan_steps(nfe, {**options, "denoise_to_zero": False}, cost=2)
 
 
 BASES: dict[str, str] = {}  # sampler name -> its base in `solvers.make_base`

@@ -19,15 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from bench_classic.multistep import ADAMS_BASHFORTH
 from bench_classic.samplers import to_d
 from torch import Tensor
 
 from bench.errors import UsageError
 
 from .predictor import AMEDPredictor, bottleneck_summary, midpoint
-
-# Adams-Bashforth coefficients of orders 1-4 (iPNDM, Zhang & Chen 2023), newest first
-AB_COEFFS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
 
 @dataclass
@@ -77,7 +75,7 @@ def evaluate(model, x: Tensor, sigma: Tensor, at: Tensor | None = None, feature:
 
 
 def analytical_first_step(x: Tensor, sigma: Tensor, predictor: AMEDPredictor | None) -> Evaluation:
-    """AFS (Dockhorn et al. 2022): d = x / sqrt(1 + sigma^2) without a call; zero bottleneck."""
+    """AFS (Zhou et al. 2024): d = x / sqrt(1 + sigma^2) without a network call; zero bottleneck."""
     d = x / (1 + sigma**2).sqrt()
     feature = None
     if predictor is not None and predictor.uses_bottleneck:
@@ -91,7 +89,6 @@ def analytical_first_step(x: Tensor, sigma: Tensor, predictor: AMEDPredictor | N
 class AMEDSolver:
     """AMED-Solver: Euler to sigma_mid, then the mean-value step from x_cur with d_mid."""
 
-    name = "amed"
     multistep = False  # the fit starts each interval from the teacher's point
 
     def history(self, intervals: int) -> History:
@@ -107,7 +104,6 @@ class AMEDSolver:
 class PluginBase:
     """AMED-Plugin: the base's `update` applied to sigma_mid, then (scaled by c) to sigma_next."""
 
-    name = "plugin"
     keep = 0
     multistep = False
 
@@ -115,12 +111,12 @@ class PluginBase:
         return History(total=2 * intervals, keep=self.keep)
 
     def first(self, x, cur: Evaluation, sigma_cur, sigma_mid, hist: History) -> Tensor:
-        return self._counted(x, cur, sigma_cur, sigma_mid, hist, 1.0)
+        return self._apply(x, cur, sigma_cur, sigma_mid, hist, 1.0)
 
     def second(self, x, x_mid, mid: Evaluation, sigma_cur, sigma_mid, sigma_next, c, hist) -> Tensor:
-        return self._counted(x_mid, mid, sigma_mid, sigma_next, hist, c)
+        return self._apply(x_mid, mid, sigma_mid, sigma_next, hist, c)
 
-    def _counted(self, x, ev, sigma_from, sigma_to, hist, scale) -> Tensor:
+    def _apply(self, x, ev, sigma_from, sigma_to, hist, scale) -> Tensor:
         out = self.update(x, ev, sigma_from, sigma_to, hist, scale)
         hist.count += 1
         return out
@@ -132,8 +128,6 @@ class PluginBase:
 class EulerPlugin(PluginBase):
     """Euler: x_to = x + scale (sigma_to - sigma_from) d."""
 
-    name = "euler"
-
     def update(self, x, ev, sigma_from, sigma_to, hist, scale) -> Tensor:
         return x + scale * (sigma_to - sigma_from) * ev.d
 
@@ -141,7 +135,6 @@ class EulerPlugin(PluginBase):
 class IPNDMPlugin(PluginBase):
     """iPNDM: Adams-Bashforth on d with the newest `max_order - 1` derivatives, warm-started."""
 
-    name = "ipndm"
     multistep = True  # the fit chains the student's own outputs and history
 
     def __init__(self, max_order: int = 4) -> None:
@@ -151,7 +144,7 @@ class IPNDMPlugin(PluginBase):
 
     def update(self, x, ev, sigma_from, sigma_to, hist, scale) -> Tensor:
         # Combine d with the stored derivatives, newest first
-        coeffs = AB_COEFFS[min(self.max_order, len(hist.outputs) + 1) - 1]
+        coeffs = ADAMS_BASHFORTH[min(self.max_order, len(hist.outputs) + 1)]
         d_ab = coeffs[0] * ev.d + sum(k * d for k, d in zip(coeffs[1:], hist.outputs[::-1], strict=False))
         hist.push(ev.d, sigma_from)
         return x + scale * (sigma_to - sigma_from) * d_ab
@@ -163,7 +156,6 @@ class DPMPP2MPlugin(PluginBase):
     Order 1 on the first update and, with `lower_order_final`, on the last one.
     """
 
-    name = "dpm++2m"
     keep = 2
     multistep = True
 

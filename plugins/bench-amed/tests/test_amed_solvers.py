@@ -44,15 +44,17 @@ def test_the_distribution_registers_every_sampler_and_the_fit_command(registry):
 
 @pytest.mark.parametrize("nfe, steps, afs", [(1, 1, True), (3, 2, True), (5, 3, True), (10, 5, False)])
 def test_planner_uses_afs_for_odd_budgets_and_ends_at_sigma_min(nfe, steps, afs):
-    plan = plan_amed(nfe, {"afs": True})
+    plan = plan_amed(nfe, {"afs": "auto"})
     assert (plan.steps, plan.nfe, plan.to_zero, plan.options["afs"]) == (steps, nfe, False, afs)
     assert 2 * plan.steps - plan.options["afs"] == nfe
 
 
-def test_odd_budget_without_afs_is_infeasible():
-    with pytest.raises(Infeasible, match="afs=true"):
+def test_a_budget_of_the_other_parity_is_infeasible_when_afs_is_fixed():
+    with pytest.raises(Infeasible, match="afs=auto reaches it"):
         plan_amed(5, {"afs": False})
-    assert plan_amed(6, {"afs": False}).steps == 3
+    with pytest.raises(Infeasible, match="afs=auto reaches it"):
+        plan_amed(6, {"afs": True})
+    assert plan_amed(6, {"afs": False}).steps == 3 and plan_amed(5, {"afs": True}).steps == 3
 
 
 def midpoints(sigmas):
