@@ -31,19 +31,19 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .contracts import Sampler, Schedule, resolve_options
+from .contracts import Denoiser, Sampler, Schedule, check_denoiser, resolve_options
 from .errors import BudgetExceeded, Infeasible
-from .models import GaussianMixture, gaussian
+from .models import gaussian
 from .nfe import CountingDenoiser
 from .plugins import Registry, load_registry
-from .runner import Spec, make_sigmas
+from .runner import Spec, load_model, make_sigmas
 from .seeding import SampleNoise
 
 SHAPE = (2, 4, 6)  # channels and a non-square image, so that hard-coded shapes show
@@ -87,15 +87,22 @@ class Case:
     options: dict[str, Any]
     schedule: Schedule
     schedule_options: dict[str, Any]
-    model: GaussianMixture
+    model: Denoiser  # the analytic Gaussian unless a check needs another model
     stochastic: bool
+    modify: Callable[[Denoiser], Denoiser] | None = None  # a modifier over the NFE counter
     prepared: dict[int, dict[str, Any]] = field(default_factory=dict)  # by budget
 
     @classmethod
     def of(
-        cls, name: str, options: Mapping[str, Any] | None = None, shape=SHAPE, stochastic: bool | None = None
+        cls,
+        name: str,
+        options: Mapping[str, Any] | None = None,
+        shape=SHAPE,
+        stochastic: bool | None = None,
+        model: Denoiser | None = None,
     ) -> Case:
-        """`stochastic` overrides the sampler's declaration, for options that add noise."""
+        """`stochastic` overrides the sampler's declaration, for options that add noise;
+        `model` replaces the analytic Gaussian of shape `shape`."""
         sampler = registry().get("samplers", name)
         spec = Spec.parse(sampler.default_schedule)
         schedule = registry().get("schedules", spec.name)
@@ -105,7 +112,7 @@ class Case:
             resolve_options("sampler", name, sampler.options, dict(options or {})),
             schedule,
             resolve_options("schedule", spec.name, schedule.options, dict(spec.options)),
-            gaussian(shape=shape),
+            gaussian(shape=shape) if model is None else model,
             sampler.stochastic if stochastic is None else stochastic,
         )
 
@@ -133,6 +140,7 @@ class Solved:
     x_init: Tensor
     sigmas: Tensor
     nfe: int
+    extra: int = 0  # calls at another resolution (a modifier's)
 
 
 def solve(
@@ -147,19 +155,22 @@ def solve(
     # The sampler's own preparation, once per budget and outside it
     if case.sampler.prepare is not None and nfe not in case.prepared:
         case.prepared[nfe] = dict(case.sampler.prepare(CountingDenoiser(case.model), sigmas, options))
-    # The initial latent, then the noise stream the sampler draws from
-    eps = SampleNoise(seed, indices, case.model.shape, "cpu")()
-    noise = SampleNoise(seed if noise_seed is None else noise_seed, indices, case.model.shape, "cpu")
-    noise()  # the stream's first draw is the initial latent
+    # The counter on the model, a modifier (if any) on top, as in a run
     counted = CountingDenoiser(case.model, budget=nfe)
+    model = case.modify(counted) if case.modify else counted
+    counted.count_shape = tuple(model.shape)
+    # The initial latent, then the noise stream the sampler draws from
+    eps = SampleNoise(seed, indices, model.shape, "cpu")()
+    noise = SampleNoise(seed if noise_seed is None else noise_seed, indices, model.shape, "cpu")
+    noise()  # the stream's first draw is the initial latent
     try:
         with torch.inference_mode():
             x0 = case.sampler.sample(
-                counted, eps * sigmas[0], sigmas, noise=noise, **options, **case.prepared.get(nfe, {})
+                model, eps * sigmas[0], sigmas, noise=noise, **options, **case.prepared.get(nfe, {})
             )
     except BudgetExceeded as exc:
         raise AssertionError(f"{case.name} at a budget of {nfe} NFE: {exc}") from None
-    return Solved(x0, eps * sigmas[0], sigmas, counted.nfe)
+    return Solved(x0, eps * sigmas[0], sigmas, counted.nfe, counted.extra)
 
 
 # --- The checks -----------------------------------------------------------------------------
@@ -333,3 +344,54 @@ def check_schedule(
             assert all(
                 math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-9) for a, b in zip(end, expect, strict=True)
             ), f"{what}: ends at {end}, expected {expect}"
+
+
+def check_modifier(
+    name: str,
+    *,
+    model: str | Denoiser = "digits",
+    options: Mapping[str, Any] | None = None,
+    neutral: Mapping[str, Any] | None = None,
+    sampler: str = "euler",
+    nfe: int = 4,
+) -> None:
+    """The modifier `name` with `options` on `model` (a model spec or a Denoiser): it returns a
+    Denoiser; every network call it makes passes the NFE counter beneath it; `sampler`'s samples
+    through it are finite, shaped like the modified model, repeatable and independent of their
+    batch mates; with the `neutral` options (e.g. a guidance weight of 0) it computes exactly
+    what the model computes."""
+    modifier = registry().get("modifiers", name)
+    base = load_model(registry(), model, torch.device("cpu")) if isinstance(model, str) else model
+    given = resolve_options("modifier", name, modifier.options, dict(options or {}))
+    if modifier.takes_cell:  # the cell it runs in, as the runner gives it
+        given["cell"] = {"model": getattr(base, "spec", ""), "sampler": sampler, "nfe": nfe}
+    case = Case.of(sampler, model=base)
+    case.modify = lambda d: modifier.apply(d, **given)
+    # A Denoiser comes back, and sampling through it is counted: the network's calls equal the counter's
+    check_denoiser(case.modify(CountingDenoiser(base)))
+    calls = []
+    hook = (base.net or base).register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        s = solve(case, nfe, range(3))
+    finally:
+        hook.remove()
+    assert len(calls) == s.nfe + s.extra, (
+        f"{name}: the network ran {len(calls)} times, the counter saw {s.nfe} + {s.extra} extra; "
+        "call the denoiser the modifier receives, not the network beneath it"
+    )
+    assert bool(torch.isfinite(s.x0).all()), f"{name}: non-finite samples"
+    assert s.x0.shape == s.x_init.shape, f"{name}: samples of shape {tuple(s.x0.shape)}"
+    # Repeatable and independent of batch mates
+    check_determinism(case, nfe)
+    check_batch_invariance(case, nfe)
+    # Neutral options change nothing
+    if neutral is not None:
+        plain = resolve_options("modifier", name, modifier.options, dict(neutral))
+        modified = modifier.apply(CountingDenoiser(base), **plain)
+        x = SampleNoise(SEED, range(3), modified.shape, "cpu")()
+        with torch.inference_mode():
+            for sigma in (base.sigma_max, 1.0, base.sigma_min * 10):
+                a, b = modified(x * sigma, sigma), base(x * sigma, sigma)
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (
+                    f"{name} with {dict(neutral)} changes the model's output at sigma {sigma:.3g}"
+                )

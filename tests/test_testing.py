@@ -13,7 +13,7 @@ from bench import testing
 BROKEN = """
 import math
 import torch
-from bench import Plan, Sampler, Schedule, hookimpl
+from bench import Denoiser, Modifier, Plan, Sampler, Schedule, hookimpl
 from bench.errors import Infeasible
 
 
@@ -95,6 +95,24 @@ def increasing(n, sigma_min, sigma_max, *, to_zero=True, device=None, **_):
     return torch.linspace(sigma_min, sigma_max, n + 1)
 
 
+class Wrapped(Denoiser):
+    # gain * D(x, sigma), calling `inner` or, to bypass the NFE counter, inner.inner
+
+    def __init__(self, inner, gain=1.0, bypass=False):
+        super().__init__()
+        self.inner, self.gain, self.bypass = inner, gain, bypass
+        self.sigma_min, self.sigma_max, self.shape = inner.sigma_min, inner.sigma_max, inner.shape
+
+    def forward(self, x, sigma, **cond):
+        return self.gain * (self.inner.inner if self.bypass else self.inner)(x, sigma)
+
+
+MODIFIERS = [
+    Modifier("t-gain", lambda d, gain: Wrapped(d, gain), "scales the prediction", options={"gain": 1.0}),
+    Modifier("t-bypass", lambda d: Wrapped(d, bypass=True), "calls the model beneath the counter"),
+]
+
+
 @hookimpl
 def register_samplers(register):
     for sampler in SAMPLERS:
@@ -104,6 +122,12 @@ def register_samplers(register):
 @hookimpl
 def register_schedules(register):
     register(Schedule("t-increasing", increasing, "goes the wrong way"))
+
+
+@hookimpl
+def register_modifiers(register):
+    for modifier in MODIFIERS:
+        register(modifier)
 """
 
 
@@ -168,3 +192,12 @@ def test_schedules(broken):
     testing.check_schedule("karras")
     with pytest.raises(AssertionError, match="do not decrease"):
         testing.check_schedule("t-increasing")
+
+
+def test_modifiers(broken):
+    gaussian = testing.Case.of("euler").model
+    testing.check_modifier("t-gain", model=gaussian, options={"gain": 0.9}, neutral={"gain": 1.0})
+    with pytest.raises(AssertionError, match="changes the model's output"):
+        testing.check_modifier("t-gain", model=gaussian, neutral={"gain": 1.01})
+    with pytest.raises(AssertionError, match="the network ran 4 times, the counter saw 0"):
+        testing.check_modifier("t-bypass", model=gaussian)
