@@ -39,7 +39,7 @@ DEFAULT_REPORTERS = "console,csv,markdown,html"
 NOT_STORED = ("command", "func", "out", "quiet", "report")
 
 out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def split_specs(text: str) -> list[str]:
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return int(args.func(registry, args) or 0)
     except BenchError as exc:
-        err.print(f"error: {exc}", markup=False)
+        print(f"error: {exc}", file=sys.stderr)  # one line, never wrapped
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted; finished cells are kept, rerun the same command to resume")
