@@ -33,7 +33,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -49,6 +49,24 @@ from .seeding import SampleNoise
 SHAPE = (2, 4, 6)  # channels and a non-square image, so that hard-coded shapes show
 BUDGETS = tuple(range(1, 13))
 SEED = 0
+
+T = TypeVar("T")
+
+
+def single_threaded(check: Callable[..., T]) -> Callable[..., T]:
+    """Run a check with one intra-op thread: its tensors are tiny, and idle OpenMP threads
+    spinning on a busy shared machine cost more than the work."""
+
+    @functools.wraps(check)
+    def run(*args: Any, **kwargs: Any) -> T:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return check(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
 
 
 @functools.cache
@@ -176,6 +194,7 @@ def solve(
 # --- The checks -----------------------------------------------------------------------------
 
 
+@single_threaded
 def check_planner(case: Case, budgets: Iterable[int] = BUDGETS) -> list[int]:
     """Each budget is planned exactly or refused with Infeasible; returns the feasible ones."""
     feasible = []
@@ -197,6 +216,7 @@ def check_planner(case: Case, budgets: Iterable[int] = BUDGETS) -> list[int]:
     return feasible
 
 
+@single_threaded
 def check_nfe(case: Case, budgets: Iterable[int]) -> None:
     """Counted calls equal the plan at every feasible budget (the counter stops overspending)."""
     for nfe in budgets:
@@ -204,6 +224,7 @@ def check_nfe(case: Case, budgets: Iterable[int]) -> None:
         assert counted == nfe, f"{case.name}: planned {nfe} NFE, the counter saw {counted} network calls"
 
 
+@single_threaded
 def check_shapes(case: Case, nfe: int) -> None:
     """The output has the input's shape and dtype, and is finite."""
     s = solve(case, nfe, range(3))
@@ -215,6 +236,7 @@ def check_shapes(case: Case, nfe: int) -> None:
     assert bool(torch.isfinite(s.x0).all()), f"{case.name}: non-finite samples at NFE {nfe}"
 
 
+@single_threaded
 def check_determinism(case: Case, nfe: int) -> None:
     """Same seed, same samples, whatever the global RNG; noise only from the stream, and
     only for stochastic samplers."""
@@ -235,6 +257,7 @@ def check_determinism(case: Case, nfe: int) -> None:
         )
 
 
+@single_threaded
 def check_batch_invariance(case: Case, nfe: int) -> None:
     """A sample does not depend on its batch mates (same numbers up to float32 rounding)."""
     whole = solve(case, nfe, range(6))
@@ -254,6 +277,7 @@ def ode_error(case: Case, nfe: int, n: int = 8) -> float:
     return float((s.x0.double() - exact).pow(2).mean().sqrt())
 
 
+@single_threaded
 def check_convergence(
     case: Case, low: int = 8, high: int = 128, order: float | None = None, tol: float = 0.01
 ) -> dict[int, float]:
@@ -274,6 +298,7 @@ def check_convergence(
     return errors
 
 
+@single_threaded
 def check_moments(case: Case, nfe: int, n: int = 256) -> dict[int, float]:
     """The samples' per-pixel mean and variance match the exact data distribution's (at the
     schedule's last sigma): the mean square of their z-scores stays below 3 (about 1 when
@@ -291,6 +316,7 @@ def check_moments(case: Case, nfe: int, n: int = 256) -> dict[int, float]:
     return {nfe: score}
 
 
+@single_threaded
 def check_sampler(
     name: str,
     *,
@@ -315,6 +341,7 @@ def check_sampler(
     return check_convergence(case, low, high, order, tol)
 
 
+@single_threaded
 def check_schedule(
     name: str, *, options: Mapping[str, Any] | None = None, steps: Iterable[int] = (1, 2, 5, 18)
 ) -> None:
@@ -346,6 +373,20 @@ def check_schedule(
             ), f"{what}: ends at {end}, expected {expect}"
 
 
+def random_unet(seed: int = 0) -> Denoiser:
+    """The digits UNet (named skips, a bottleneck) with random weights drawn from `seed` and
+    EDM preconditioning: a real network for modifier checks that needs no weights file."""
+    from .adapters import Preconditioned
+    from .digits import SHAPE as DIGITS_SHAPE
+    from .digits import UNet, UNetConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = UNet(UNetConfig()).eval()
+    return Preconditioned(net, "edm", DIGITS_SHAPE, has_bottleneck=True)
+
+
+@single_threaded
 def check_modifier(
     name: str,
     *,
