@@ -57,14 +57,16 @@ def add_command(subparsers) -> None:
     p.add_argument("--seed", type=int, default=100_000, help="seed of the search samples (default 100000)")
     p.add_argument(
         "--rho-bottom",
-        default="0.6,0.7,0.8,0.9,1.0,1.1",
-        help="comma list of rho_bottom values of the coarse grid",
+        default="0.7,0.85,1.0,1.15,1.3",
+        help="comma list of rho_bottom values of the coarse grid (default 0.7,0.85,1.0,1.15,1.3)",
     )
     p.add_argument(
-        "--rho-top", default="0.9,0.95,1.0,1.05,1.1", help="comma list of rho_top values of the coarse grid"
+        "--rho-top",
+        default="0.85,1.0,1.15",
+        help="comma list of rho_top values of the coarse grid (default 0.85,1.0,1.15)",
     )
     p.add_argument(
-        "--refine", type=int, default=1, help="refinement rounds around the best point (default 1)"
+        "--refine", type=int, default=2, help="refinement rounds around the best point (default 2)"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
@@ -159,8 +161,9 @@ def grid_step(values: list[float]) -> float:
 
 def search(
     registry: Registry, args, sampler: Spec, schedule: Spec | None, nfe: int, metric: str, work: Path
-) -> dict[str, Any]:
-    """Coarse grid, then `args.refine` rounds of a 3x3 grid at half the step around the best."""
+) -> tuple[tuple[float, float], dict[Any, tuple[float, bool]]]:
+    """(best rho, every score): a coarse grid, then `args.refine` rounds of a 3x3 grid at
+    half the step around the best so far."""
     bottoms, tops = parse_values(args.rho_bottom, "--rho-bottom"), parse_values(args.rho_top, "--rho-top")
     scores = evaluate(registry, args, sampler, schedule, nfe, metric, [None, *product(bottoms, tops)], work)
     sign = -1 if scores[None][1] else 1  # minimise sign * value
@@ -172,7 +175,7 @@ def search(
             scores.update(evaluate(registry, args, sampler, schedule, nfe, metric, fresh, work))
         steps = (steps[0] / 2, steps[1] / 2)
     best = min((p for p in scores if p is not None), key=lambda p: sign * scores[p][0])
-    return {"best": best, "scores": scores, "sign": sign}
+    return best, scores
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -235,8 +238,8 @@ def cmd_skip_tune(registry: Registry, args: argparse.Namespace) -> int:
         start = time.perf_counter()
         err.print(f"searching {sampler} @ NFE {nfe} ...")
         with tempfile.TemporaryDirectory(prefix="skip-tune-") as work:
-            found = search(registry, args, sampler, schedule, nfe, metric, Path(work))
-        (rho_bottom, rho_top), scores = found["best"], found["scores"]
+            best, scores = search(registry, args, sampler, schedule, nfe, metric, Path(work))
+        rho_bottom, rho_top = best
         entry = {
             "model": args.model,
             "fingerprint": fp,
@@ -247,11 +250,12 @@ def cmd_skip_tune(registry: Registry, args: argparse.Namespace) -> int:
             "rho_top": rho_top,
             "skips": layout.count,
             "metric": metric,
-            "value": scores[found["best"]][0],
+            "value": scores[best][0],
             "untuned_value": scores[None][0],
             "num_samples": args.num_samples,
             "seed": args.seed,
             "candidates": len(scores) - 1,
+            "scores": sorted([*rho, round(v, 6)] for rho, (v, _) in scores.items() if rho is not None),
             "command": command_line(args),
             "plugin": f"bench-skip-tuning=={__version__}",
             "torch": torch.__version__,

@@ -1,10 +1,11 @@
 """`bench skip-tune` and `--modifiers skip-tuning` through the real CLI, on the digits UNet.
 
-The search stores its choice where `bench run` finds it; a run then applies exactly those
-factors, says so in its records and reports, reproduces the search's metric value on the
-same samples, leaves the cells without the modifier untouched even when they run after
-it, and turns a cell it has no factors for, or a model without skips, into an infeasible
-cell with a one-line reason. The factors committed for `digits` work with no search.
+One search, then one run that holds every case: the searched cell applies exactly the
+stored factors, says so in its record and report, and reproduces the search's metric on
+the same samples; factors 1 reproduce the unmodified samples (Euler and DPM-Solver++(2M));
+cells without the modifier are untouched although they run after modified ones; the
+committed `digits` factors work with no search; a budget with no factors, and a model
+without skips, give infeasible cells with a one-line reason while the rest runs.
 """
 
 from __future__ import annotations
@@ -18,24 +19,8 @@ from bench.cli import main
 from bench.store import Run
 
 MODEL = "digits"
-SEARCH = [
-    "--samplers",
-    "euler",
-    "--nfe",
-    "3",
-    "--num-samples",
-    "48",
-    "--batch-size",
-    "48",
-    "--metric",
-    "fid-digits",
-    "--rho-bottom",
-    "0.7,1.0",
-    "--rho-top",
-    "1.0",
-    "--refine",
-    "0",
-]
+SAMPLES = ["--num-samples", "24", "--batch-size", "24", "--seed", "100000"]
+ONES = "skip-tuning:rho_bottom=1:rho_top=1"
 
 
 @pytest.fixture
@@ -45,142 +30,97 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "skip-tuning"
 
 
-def run(tmp_path, name: str, *argv: str) -> dict[tuple[str, int], dict]:
-    """`bench run` into tmp_path/name; its records by (first modifier or 'none', NFE)."""
-    out = tmp_path / name
-    assert (
-        main(
-            [
-                "run",
-                "--model",
-                MODEL,
-                "--out",
-                str(out),
-                "--quiet",
-                "--report",
-                "csv,markdown",
-                "--metrics",
-                "fid-digits",
-                *argv,
-            ]
-        )
-        == 0
-    )
-    return {((r["modifiers"] or ["none"])[0], r["nfe"]): r for r in Run.open(out).records}
+def fid(record: dict) -> float:
+    assert record["status"] == "ok", record.get("reason")
+    return record["metrics"]["fid_digits"]["value"]
 
 
-def test_search_stores_factors_that_runs_then_use(cache, tmp_path):
-    assert main(["skip-tune", "--model", MODEL, *SEARCH]) == 0
-    (entry,) = json.loads((cache / "digits.json").read_text())["entries"]
-    assert (entry["model"], entry["sampler"], entry["schedule"], entry["nfe"]) == (
-        MODEL,
-        "euler",
-        "karras",
-        3,
-    )
-    assert entry["rho_bottom"] in (0.7, 1.0) and entry["rho_top"] == 1.0 and entry["candidates"] == 2
-    assert entry["value"] <= entry["untuned_value"]  # (1, 1) is a candidate: never worse than untuned
-    # The run: skip-tuning cells first, then the plain ones; NFE 4 has no tuned factors
-    records = run(
-        tmp_path,
-        "run",
+def test_search_then_run(cache, tmp_path):
+    # The search: untuned, (0.7, 1) and (1, 1) for Euler at NFE 3, into the user cache
+    search = [
         "--samplers",
         "euler",
         "--nfe",
-        "3,4",
-        "--modifiers",
-        "skip-tuning,none",
-        "--num-samples",
-        "48",
-        "--batch-size",
-        "48",
-        "--seed",
-        str(entry["seed"]),
-    )
-    tuned_cell, plain = records[("skip-tuning", 3)], records[("none", 3)]
-    applied = tuned_cell["modifiers_applied"][0]
-    assert applied.startswith(f"skip-tuning:rho_bottom={entry['rho_bottom']:g}:rho_top=1 (2 skips")
-    assert "tuned for euler NFE 3" in applied
-    # Same samples as the search: the same numbers, with and without the factors
-    assert tuned_cell["metrics"]["fid_digits"]["value"] == pytest.approx(entry["value"], rel=1e-9)
-    assert plain["metrics"]["fid_digits"]["value"] == pytest.approx(entry["untuned_value"], rel=1e-9)
-    missing = records[("skip-tuning", 4)]
-    assert missing["status"] == "infeasible"
-    assert "no factors tuned for digits / euler@karras / NFE 4" in missing["reason"]
-    assert "bench skip-tune --model digits --samplers euler --nfe 4" in missing["reason"]
-    assert "modifiers as applied" in (tmp_path / "run" / "report.md").read_text()
-
-
-def test_unit_factors_reproduce_unmodified_samples_exactly(tmp_path):
-    records = run(
-        tmp_path,
-        "ones",
+        "3",
+        "--metric",
+        "fid-digits",
+        "--rho-bottom",
+        "0.7,1.0",
+        "--rho-top",
+        "1.0",
+        "--refine",
+        "0",
+    ]
+    assert main(["skip-tune", "--model", MODEL, *search, *SAMPLES]) == 0
+    (entry,) = json.loads((cache / tuned.file_name(MODEL)).read_text())["entries"]
+    assert [entry[k] for k in ("model", "sampler", "schedule", "nfe")] == [MODEL, "euler", "karras", 3]
+    assert entry["rho_bottom"] in (0.7, 1.0) and entry["rho_top"] == 1.0 and entry["candidates"] == 2
+    assert entry["value"] <= entry["untuned_value"]  # (1, 1) is a candidate: never worse
+    assert entry["command"].startswith(f"bench skip-tune --model {MODEL} --samplers euler --nfe 3")
+    # The run: modified cells before the plain ones, on the search's samples
+    out = tmp_path / "run"
+    argv = [
+        "run",
+        "--model",
+        f"{MODEL},mixture",
         "--samplers",
         "euler,dpm++2m",
         "--nfe",
-        "4",
+        "3,5",
         "--modifiers",
-        "skip-tuning:rho_bottom=1:rho_top=1,none",
-        "--num-samples",
-        "32",
-    )
+        f"skip-tuning,{ONES},none",
+        "--metrics",
+        "fid-digits",
+        *SAMPLES,
+        "--out",
+        str(out),
+        "--quiet",
+        "--report",
+        "csv,markdown",
+    ]
+    assert main(argv) == 0
+    cells = {
+        (r["model"], r["sampler"], (r["modifiers"] or ["none"])[0], r["nfe"]): r
+        for r in Run.open(out).records
+    }
+    searched = cells[(MODEL, "euler", "skip-tuning", 3)]
+    applied = searched["modifiers_applied"][0]
+    assert applied.startswith(f"skip-tuning:rho_bottom={entry['rho_bottom']:g}:rho_top=1 (2 skips")
+    assert f"tuned for euler NFE 3, skip-tuning/{tuned.file_name(MODEL)}" in applied
+    assert fid(searched) == pytest.approx(entry["value"], rel=1e-9)
+    assert fid(cells[(MODEL, "euler", "none", 3)]) == pytest.approx(entry["untuned_value"], rel=1e-9)
+    # Factors 1: the unmodified samples, for both samplers and budgets
     for sampler in ("euler", "dpm++2m"):
-        ones = next(r for r in records.values() if r["sampler"] == sampler and r["modifiers"])
-        plain = next(r for r in records.values() if r["sampler"] == sampler and not r["modifiers"])
-        assert ones["metrics"]["fid_digits"] == plain["metrics"]["fid_digits"]
+        for nfe in (3, 5):
+            assert fid(cells[(MODEL, sampler, ONES, nfe)]) == fid(cells[(MODEL, sampler, "none", nfe)])
+    # The committed factors of digits (NFE 5) need no search
+    committed = cells[(MODEL, "dpm++2m", "skip-tuning", 5)]
+    assert "tuned for dpm++2m NFE 5, tuned/digits.json" in committed["modifiers_applied"][0]
+    assert fid(committed) > 0
+    # No factors for this budget: infeasible, saying how to get them
+    missing = cells[(MODEL, "dpm++2m", "skip-tuning", 3)]
+    assert missing["status"] == "infeasible"
+    assert f"no factors tuned for {MODEL} / dpm++2m@logsnr / NFE 3" in missing["reason"]
+    assert f"bench skip-tune --model {MODEL} --samplers dpm++2m --nfe 3" in missing["reason"]
+    # No skips at all: infeasible cells; the plain cells of that model still run
+    for key, record in cells.items():
+        if key[0] == "mixture" and key[2] != "none":
+            assert record["status"] == "infeasible"
+            assert record["reason"].startswith("skip-tuning is not applicable to model 'mixture'")
+    assert fid(cells[("mixture", "euler", "none", 5)]) > 0
+    assert "modifiers as applied" in (out / "report.md").read_text()
 
 
-def test_committed_digits_factors_need_no_search(cache, tmp_path):
+def test_committed_factors_cover_the_evidence_cells():
     entries = tuned.read(tuned.PACKAGED / "digits.json")
-    tuned_for = {(e["sampler"], e["nfe"]) for e in entries}
-    assert {("euler", 5), ("euler", 10), ("dpm++2m", 5), ("dpm++2m", 10)} <= tuned_for
-    records = run(
-        tmp_path,
-        "committed",
-        "--samplers",
-        "euler",
-        "--nfe",
-        "5",
-        "--modifiers",
-        "skip-tuning",
-        "--num-samples",
-        "16",
-    )
-    (cell,) = records.values()
-    assert cell["status"] == "ok", cell.get("reason")
-    assert "tuned for euler NFE 5, tuned/digits.json" in cell["modifiers_applied"][0]
+    assert {("euler", 5), ("euler", 10), ("dpm++2m", 5), ("dpm++2m", 10)} <= {
+        (e["sampler"], e["nfe"]) for e in entries
+    }
+    for e in entries:
+        assert e["model"] == "digits" and e["value"] < e["untuned_value"], e
 
 
-def test_model_without_skips(cache, tmp_path, capsys):
-    assert main(["skip-tune", "--model", "mixture", *SEARCH]) == 1
+def test_search_on_a_model_without_skips_is_one_line(cache, capsys):
+    assert main(["skip-tune", "--model", "mixture", "--nfe", "3", "--num-samples", "8"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: skip-tuning is not applicable to model 'mixture'") and "\n" not in err
-    # In a run: an infeasible cell with the reason, the other cells still run
-    out = tmp_path / "mixture"
-    assert (
-        main(
-            [
-                "run",
-                "--model",
-                "mixture",
-                "--samplers",
-                "euler",
-                "--nfe",
-                "3",
-                "--num-samples",
-                "8",
-                "--modifiers",
-                "none,skip-tuning:rho_top=1.1",
-                "--out",
-                str(out),
-                "--quiet",
-                "--report",
-                "csv",
-            ]
-        )
-        == 0
-    )
-    status = {tuple(r["modifiers"]): (r["status"], r.get("reason", "")) for r in Run.open(out).records}
-    assert status[()][0] == "ok"
-    assert status[("skip-tuning:rho_top=1.1",)][0] == "infeasible"
-    assert "not applicable to model 'mixture'" in status[("skip-tuning:rho_top=1.1",)][1]
