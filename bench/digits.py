@@ -37,6 +37,7 @@ from .models import GaussianMixture
 ASSETS = Path(__file__).parent / "assets"
 WEIGHTS = ASSETS / "digits-unet.safetensors"
 SHAPE = (1, 8, 8)
+META_KEY = "bench.digits"
 
 
 # --- Network --------------------------------------------------------------------------
@@ -51,7 +52,7 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", freqs)
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        angle = c_noise.reshape(-1, 1).float() * 1000 * self.freqs
+        angle = c_noise.reshape(-1, 1).float() * self.freqs
         return torch.cat([angle.cos(), angle.sin()], dim=1)
 
 
@@ -246,17 +247,22 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def save_weights(path: Path, net: UNet, config: TrainConfig, summary: dict[str, Any]) -> None:
-    """safetensors with the network and training configuration in its metadata."""
+    """safetensors with the network and training configuration in its metadata.
+
+    The metadata is one JSON string under a single key: safetensors writes several keys
+    in no fixed order, which would make the bytes of two identical trainings differ.
+    """
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "unet": json.dumps(asdict(net.config)),
-        "train": json.dumps(asdict(config)),
-        "summary": json.dumps(summary),
+    meta = {
+        "unet": asdict(net.config),
+        "train": asdict(config),
+        "summary": summary,
         "torch": torch.__version__,
     }
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=metadata)
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def load_unet(path: Path = WEIGHTS) -> tuple[UNet, dict[str, Any]]:
@@ -268,14 +274,13 @@ def load_unet(path: Path = WEIGHTS) -> tuple[UNet, dict[str, Any]]:
             f"digits weights '{path}' not found; write them with `bench train-digits --out {path}`"
         )
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if "unet" not in meta:
+    if meta is None:
         raise ModelLoadError(f"'{path}' has no digits UNet metadata; write it with `bench train-digits`")
-    config = json.loads(meta["unet"])
-    net = UNet(UNetConfig(**{**config, "channels": tuple(config["channels"])}))
+    net = UNet(UNetConfig(**{**meta["unet"], "channels": tuple(meta["unet"]["channels"])}))
     net.load_state_dict(tensors)
-    return net.eval().requires_grad_(False), json.loads(meta["train"])
+    return net.eval().requires_grad_(False), meta["train"]
 
 
 # --- Model sources --------------------------------------------------------------------
