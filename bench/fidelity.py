@@ -46,6 +46,7 @@ from .metrics import _Moments
 
 INCEPTION, INCEPTION_LAYER, INCEPTION_DIM = "inception-v3-compat", "2048", 2048
 INCEPTION_FILE = Path(URL_INCEPTION_V3).name
+INCEPTION_KEYS = ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight", "fc.weight")
 # KID: 20 subsets (torch-fidelity's default is 100; its cubic kernel in numpy costs ~0.1 s
 # a subset of 1000 here, and a run has many cells); subsets of up to 1000 samples
 KID_SUBSETS, KID_SUBSET_SIZE, PR_NEIGHBORHOOD = 20, 1000, 3
@@ -123,10 +124,14 @@ def inception_space(ctx: MetricContext) -> FeatureSpace:
             "an image folder, or a torch-fidelity dataset name such as cifar10-train"
         )
     weights = ctx.options.get("fid_weights")
-    extractor = _cached(ctx, ("inception", weights), lambda: inception_extractor(weights, ctx.device))
-    build = lambda: inception_reference(ref, extractor, weights)  # noqa: E731
-    reference = _cached(ctx, ("inception-ref", weights, ref), build)
-    return FeatureSpace("inception", "Inception-v3", extractor, reference, ctx.device, rgb=True, chunk=64)
+
+    def extractor() -> FeatureExtractorBase:
+        return _cached(ctx, ("inception", weights), lambda: inception_extractor(weights, ctx.device))
+
+    reference = _cached(
+        ctx, ("inception-ref", weights, ref), lambda: inception_reference(ref, extractor, weights)
+    )
+    return FeatureSpace("inception", "Inception-v3", extractor(), reference, ctx.device, rgb=True, chunk=64)
 
 
 # --- Inception weights and references -------------------------------------------------------
@@ -143,44 +148,61 @@ def inception_weights(path: str | None) -> Path:
             )
         return file
     dest = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    what = f"Inception-v3 weights {INCEPTION_FILE} (or pass --fid-weights PATH)"
-    return fetch(URL_INCEPTION_V3, dest, what)
+    try:
+        return fetch(URL_INCEPTION_V3, dest, f"Inception-v3 weights {INCEPTION_FILE}")
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{exc}, or pass --fid-weights PATH") from None
 
 
 def inception_extractor(path: str | None, device: torch.device) -> FeatureExtractorBase:
     """torch-fidelity's inception-v3-compat on `device`, its weights checked before use."""
     file = inception_weights(path)
+    use = f"use {INCEPTION_FILE} from {URL_INCEPTION_V3}"
     # Tensors only (no code runs), so a bad file is refused before torch-fidelity opens it
     try:
-        torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"'{file}' is not a torch state dict of tensors ({type(exc).__name__}); {use}"
+        ) from None
+    missing = [k for k in INCEPTION_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ModelLoadError(f"'{file}' is not an Inception-v3 state dict (no '{missing[0]}'); {use}")
+    try:
         extractor = create_feature_extractor(
             INCEPTION, [INCEPTION_LAYER], cuda=False, verbose=False, feature_extractor_weights_path=str(file)
         )
     except Exception as exc:
-        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))[:90]
         raise ModelLoadError(
-            f"'{file}' is not an Inception-v3 state dict in torch-fidelity's layout "
-            f"({type(exc).__name__}: {detail[:120]}); use {INCEPTION_FILE} from {URL_INCEPTION_V3}"
+            f"'{file}' does not fit torch-fidelity's Inception-v3 ({type(exc).__name__}: {detail}); {use}"
         ) from None
     return extractor.to(device)
 
 
-def inception_reference(ref: str, extractor: FeatureExtractorBase, weights: str | None) -> dict[str, Any]:
-    """mu and sigma (float64) from an .npz, an image folder or a torch-fidelity dataset."""
+def inception_reference(
+    ref: str, extractor: Callable[[], FeatureExtractorBase], weights: str | None
+) -> dict[str, Any]:
+    """mu and sigma (float64) from an .npz, an image folder or a torch-fidelity dataset.
+
+    `extractor()` gives the network, loaded only when the reference needs it.
+    """
     path = Path(ref).expanduser()
     if ref.endswith(".npz"):
         stats = _npz_stats(path)
     elif path.is_dir():
-        stats = _torch_fidelity_stats(str(path), extractor, cache=False)
+        stats = _torch_fidelity_stats(str(path), extractor(), cache=False)
     elif ref in DATASETS_REGISTRY:
         # torch-fidelity caches dataset statistics by name, valid for its own weights only
         try:
             download = not offline()
-            stats = _torch_fidelity_stats(ref, extractor, cache=weights is None, datasets_download=download)
+            stats = _torch_fidelity_stats(ref, extractor(), cache=weights is None, datasets_download=download)
         except (OSError, RuntimeError) as exc:
+            root = Path(torch.hub._get_torch_home()) / "fidelity_datasets"
             raise ModelLoadError(
-                f"reference dataset '{ref}' is not cached and cannot be downloaded ({type(exc).__name__}); "
-                f"pass --ref-stats an .npz of mu/sigma or an image folder instead"
+                f"reference dataset '{ref}' is not in {root} and cannot be downloaded "
+                f"({type(exc).__name__}: {str(exc).strip()[:80]}); pass --ref-stats an .npz of mu/sigma "
+                f"or an image folder instead"
             ) from None
     else:
         known = ", ".join(k for k in DATASETS_REGISTRY if k != dc.DATASET)
