@@ -25,8 +25,9 @@ from .store import RESULTS, Run, write_json
 SPEED = "wall"  # the key under which calibrated wall-clock is compared
 ANY = "*"  # the tolerance of metrics not named
 
-# Cell fields that must agree for two cells to be comparable
-IDENTITY = ("model", "sampler", "schedule", "modifiers", "num_samples", "seed", "versions")
+# Cell fields that must agree for two cells to be comparable, and for their speeds to be
+IDENTITY = ("model", "sampler", "schedule", "modifiers", "num_samples", "seed", "dtype", "versions")
+SPEED_IDENTITY = ("batch_size", "device", "channels_last", "compile", "world_size")
 
 # Verdicts that make `bench check` fail; `strict` adds those that mean "not checked"
 FAILING = ("worse", "newly failing")
@@ -181,7 +182,7 @@ def compare_cell(
     """The verdict on one cell present in both runs."""
     cell = CellComparison(*cell_key(b), "same")
     # Not comparable: what identifies the measurement changed
-    changed = [_what_changed(k, b.get(k), h.get(k)) for k in IDENTITY if b.get(k) != h.get(k)]
+    changed = differences(IDENTITY, b, h)
     if changed:
         cell.verdict, cell.reason = "not comparable", "; ".join(changed)
         return cell
@@ -240,8 +241,9 @@ def compare_speed(b: dict[str, Any], h: dict[str, Any], tol: Tolerance) -> Chang
     base, head = speed(b), speed(h)
     if base is None or head is None:
         return Change(SPEED, base, head, "not comparable", "no calibration_s recorded")
-    if (b.get("batch_size"), b.get("device")) != (h.get("batch_size"), h.get("device")):
-        return Change(SPEED, base, head, "not comparable", "batch size or device changed")
+    changed = differences(SPEED_IDENTITY, b, h)
+    if changed:
+        return Change(SPEED, base, head, "not comparable", "; ".join(changed))
     raw = f"{b['wall_s']:.3g}s -> {h['wall_s']:.3g}s"
     if not tol.exceeded(base, head):
         return Change(SPEED, base, head, "same", f"within {tol} ({raw})")
@@ -264,6 +266,11 @@ def _direction(base: float, head: float, higher_is_better: bool) -> str:
 
 def _value(v: dict[str, Any] | None) -> float | None:
     return None if v is None else v.get("value")
+
+
+def differences(keys: tuple[str, ...], b: dict[str, Any], h: dict[str, Any]) -> list[str]:
+    """What changed among `keys` between two records, one phrase per field."""
+    return [_what_changed(k, b.get(k), h.get(k)) for k in keys if b.get(k) != h.get(k)]
 
 
 def _what_changed(key: str, base: Any, head: Any) -> str:
@@ -347,7 +354,10 @@ def write_baseline(run: Run, path: Path, run_options: dict[str, Any]) -> Path:
     Tolerances already in an existing file are kept, so hand-tuned ones survive updates.
     """
     old = json.loads(path.read_text()) if path.exists() else {}
-    records = [{k: v for k, v in r.items() if k not in ("environment", "traceback")} for r in run.records]
+    # Per-record environment, tracebacks and sample-grid paths stay with the run directory
+    records = [
+        {k: v for k, v in r.items() if k not in ("environment", "traceback", "grid")} for r in run.records
+    ]
     data = {
         "name": path.stem,
         "run": run_options,

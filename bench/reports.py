@@ -220,6 +220,21 @@ def _ok_points(records: list[dict[str, Any]], metric: str) -> dict[str, list[dic
     return by_method
 
 
+MARKERS = "osD^vP*Xph<>"
+
+
+def method_style(index: int) -> dict[str, Any]:
+    """Colour and marker of the index-th method: 20 colours x 12 markers stay distinct."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](index % 20), "marker": MARKERS[index % len(MARKERS)]}
+
+
+def _legend(ax) -> None:
+    """Below the axes, in columns, so that it never hides a point."""
+    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3, frameon=False)
+
+
 def _axes(title: str, xlabel: str, ylabel: str, values: list[float]):
     """A figure on the Agg canvas (no pyplot state, no display), with labelled axes;
     a log quality axis when the values span two decades."""
@@ -241,18 +256,18 @@ def plot_vs_nfe(records: list[dict[str, Any]], metric: str, title: str) -> str:
     groups = _ok_points(records, metric)
     values = [r["metrics"][metric]["value"] for rs in groups.values() for r in rs]
     fig, ax = _axes(f"{title} vs NFE", "NFE", metric, values)
-    for method, rs in groups.items():
+    for i, (method, rs) in enumerate(groups.items()):
         vs = [r["metrics"][metric] for r in rs]
         ax.errorbar(
             [r["nfe"] for r in rs],
             [v["value"] for v in vs],
-            marker="o",
             capsize=3,
             label=method,
             yerr=[v.get("std") or 0 for v in vs],
+            **method_style(i),
         )
     ax.set_xticks(sorted({r["nfe"] for r in records}))
-    ax.legend(fontsize="small")
+    _legend(ax)
     return figure_uri(fig)
 
 
@@ -268,8 +283,9 @@ def plot_vs_wall(records: list[dict[str, Any]], metric: str, title: str) -> str:
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    for method, rs in groups.items():
-        ax.plot([r["wall_s"] for r in rs], [r["metrics"][metric]["value"] for r in rs], "o", label=method)
+    for i, (method, rs) in enumerate(groups.items()):
+        xs, ys = [r["wall_s"] for r in rs], [r["metrics"][metric]["value"] for r in rs]
+        ax.plot(xs, ys, linestyle="none", label=method, **method_style(i))
         for r in rs:
             ax.annotate(
                 str(r["nfe"]),
@@ -293,7 +309,7 @@ def plot_vs_wall(records: list[dict[str, Any]], metric: str, title: str) -> str:
         ms=11,
         label="Pareto front",
     )
-    ax.legend(fontsize="small")
+    _legend(ax)
     return figure_uri(fig)
 
 
