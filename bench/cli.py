@@ -212,6 +212,10 @@ def cmd_check(registry: Registry, args: argparse.Namespace) -> int:
               f"`bench baseline update {path.stem}`", file=sys.stderr)
         return 1
     print(f"\ncheck passed against {path}: no cell worse beyond its tolerance")
+    unchecked = sum(c.verdict in ("not comparable", "missing", "new") for c in cells)
+    if unchecked:
+        print(f"note: {unchecked} cells were not compared (not comparable, missing or new); if that is "
+              f"intended, regenerate the baseline: bench baseline update {path.stem}")
     return 0
 
 
