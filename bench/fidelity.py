@@ -50,7 +50,7 @@ INCEPTION_KEYS = ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight
 # KID: 20 subsets (torch-fidelity's default is 100; its cubic kernel in numpy costs ~0.1 s
 # a subset of 1000 here, and a run has many cells); subsets of up to 1000 samples
 KID_SUBSETS, KID_SUBSET_SIZE, PR_NEIGHBORHOOD = 20, 1000, 3
-PR_BLOCK = 1 << 24  # elements of one block of pairwise distances (64 MB in float32)
+PR_BLOCK = 1 << 22  # elements of one block of pairwise distances (16 MB in float32)
 
 
 # --- Feature spaces -------------------------------------------------------------------
