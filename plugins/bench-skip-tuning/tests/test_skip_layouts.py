@@ -23,6 +23,7 @@ from bench.loaders import EDMNetwork
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
 from bench.runner import load_model
+from bench.testing import single_threaded
 
 CPU = torch.device("cpu")
 RHO_BOTTOM, RHO_TOP = 0.6, 1.3
@@ -175,6 +176,7 @@ def check_left_intact(denoiser, tuned, x, sigma):
 # --- The layouts ------------------------------------------------------------------------------
 
 
+@single_threaded
 def test_digits_unet(registry):
     denoiser = load_model(registry, "digits", CPU)
     net = denoiser.net
@@ -191,6 +193,7 @@ def test_digits_unet(registry):
     check_left_intact(denoiser, tuned, x, sigma)
 
 
+@single_threaded
 def test_diffusers_unet2dmodel(registry, tmp_path):
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -225,6 +228,7 @@ def test_diffusers_unet2dmodel(registry, tmp_path):
     check_left_intact(denoiser, tuned, x, sigma)
 
 
+@single_threaded
 def test_edm_songunet_layout():
     torch.manual_seed(2)
     precond = Precond()
@@ -256,6 +260,7 @@ def test_edm_songunet_layout():
     check_left_intact(denoiser, tuned, x, sigma)
 
 
+@single_threaded
 def test_no_reachable_skips_is_not_applicable(registry):
     mixture = CountingDenoiser(load_model(registry, "mixture", CPU))
     with pytest.raises(NotApplicable, match="^skip-tuning is not applicable to model 'mixture': .*skips"):

@@ -17,6 +17,7 @@ from bench_skip_tuning import tuned
 
 from bench.cli import main
 from bench.store import Run
+from bench.testing import single_threaded
 
 MODEL = "digits"
 SAMPLES = ["--num-samples", "24", "--batch-size", "24", "--seed", "100000"]
@@ -35,6 +36,7 @@ def fid(record: dict) -> float:
     return record["metrics"]["fid_digits"]["value"]
 
 
+@single_threaded
 def test_search_then_run(cache, tmp_path):
     # The search: untuned, (0.7, 1) and (1, 1) for Euler at NFE 3, into the user cache
     search = [
@@ -111,6 +113,7 @@ def test_search_then_run(cache, tmp_path):
     assert "modifiers as applied" in (out / "report.md").read_text()
 
 
+@single_threaded
 def test_committed_factors_cover_the_evidence_cells():
     entries = tuned.read(tuned.PACKAGED / "digits.json")
     assert {("euler", 5), ("euler", 10), ("dpm++2m", 5), ("dpm++2m", 10)} <= {
@@ -120,6 +123,7 @@ def test_committed_factors_cover_the_evidence_cells():
         assert e["model"] == "digits" and e["value"] < e["untuned_value"], e
 
 
+@single_threaded
 def test_search_on_a_model_without_skips_is_one_line(cache, capsys):
     assert main(["skip-tune", "--model", "mixture", "--nfe", "3", "--num-samples", "8"]) == 1
     err = capsys.readouterr().err.strip()

@@ -20,6 +20,7 @@ from bench_upsample_guidance.guidance import apply, pool, upsample, vp_sigma, vp
 from bench.contracts import Denoiser
 from bench.models import mixture
 from bench.nfe import CountingDenoiser
+from bench.testing import single_threaded
 
 LOW, HIGH, M = (1, 4, 4), (1, 8, 8), 2
 SIGMAS = (0.05, 0.3, 1.0, 4.0)
@@ -84,6 +85,7 @@ def noisy_upsampled(low, sigma: float, n: int = 6, seed: int = 0):
 
 
 @pytest.mark.parametrize("sigma", SIGMAS)
+@single_threaded
 def test_exact_2x_denoiser_is_the_low_denoiser_at_sigma_over_m(low, sigma):
     exact = UpsampledMixtureExact(low)
     x = noisy_upsampled(low, sigma)
@@ -95,6 +97,7 @@ def test_exact_2x_denoiser_is_the_low_denoiser_at_sigma_over_m(low, sigma):
 
 
 @pytest.mark.parametrize("w", [0.5, 1.0, 2.0])
+@single_threaded
 def test_exact_2x_denoiser_is_a_fixed_point_of_guidance(low, w):
     exact = UpsampledMixtureExact(low)
     guided = apply(CountingDenoiser(TwoResolutions(low, exact)), m=M, w=w, eta=1.0)
@@ -104,6 +107,7 @@ def test_exact_2x_denoiser_is_a_fixed_point_of_guidance(low, w):
         assert torch.allclose(guided(x, sigma), exact(x, torch.full((len(x),), sigma)), atol=1e-9)
 
 
+@single_threaded
 def test_unit_weight_replaces_the_low_frequencies_only(low):
     wrong = mixture(shape=HIGH, seed=5)  # a 2x model with the wrong global structure
     guided = apply(CountingDenoiser(TwoResolutions(low, wrong)), m=M, w=1.0, eta=1.0)
@@ -120,6 +124,7 @@ def test_unit_weight_replaces_the_low_frequencies_only(low):
         assert not torch.allclose(d_g, d_hat, atol=1e-3)
 
 
+@single_threaded
 def test_active_fraction_on_the_vp_time_axis(low):
     counted = CountingDenoiser(TwoResolutions(low, mixture(shape=HIGH, seed=5)))
     guided = apply(counted, m=M, w=1.0, eta=0.4)

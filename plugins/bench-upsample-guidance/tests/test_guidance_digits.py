@@ -28,6 +28,7 @@ from bench.plugins import load_registry
 from bench.runner import load_model
 from bench.seeding import SampleNoise
 from bench.store import Run
+from bench.testing import single_threaded
 
 MODEL = "digits"
 CPU = torch.device("cpu")
@@ -63,6 +64,7 @@ def solve(registry, name: str, model, eps: torch.Tensor, steps: int, scale: floa
         return sampler.sample(model, eps * sigmas[0], sigmas, noise=lambda: torch.randn_like(eps), **options)
 
 
+@single_threaded
 def test_weight_zero_is_plain_sampling_at_2x(registry, digits):
     eps = SampleNoise(0, range(N), (1, 16, 16), CPU)()
     plain = solve(registry, "euler", CountingDenoiser(digits), eps, 4)
@@ -75,6 +77,7 @@ def test_weight_zero_is_plain_sampling_at_2x(registry, digits):
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpm++2m"])
+@single_threaded
 def test_unit_weight_pooled_is_the_1x_sampler_on_sigmas_over_m(registry, digits, sampler):
     eps = SampleNoise(1, range(N), (1, 16, 16), CPU)()
     guided = apply(CountingDenoiser(digits), m=2, w=1.0, eta=1.0)
@@ -86,6 +89,7 @@ def test_unit_weight_pooled_is_the_1x_sampler_on_sigmas_over_m(registry, digits,
     assert (x_2x - upsample(pool(x_2x, 2), 2)).abs().max() > 1e-2
 
 
+@single_threaded
 def test_bench_run_counts_the_extra_calls_and_reports_them(registry, tmp_path):
     out = tmp_path / "run"
     code = main(
@@ -142,6 +146,7 @@ def test_bench_run_counts_the_extra_calls_and_reports_them(registry, tmp_path):
     assert float(rows["upsample-guidance:w=1:eta=0.5"]["nfe_equiv"]) == 4 + active / 4
 
 
+@single_threaded
 def test_reference_upscaled_to_2x_has_the_shipped_features():
     images = dc.to_uint8(dc.digits()[0])
     features = dc.extract(dc.load_net(), upsample(images, 2))
