@@ -191,7 +191,10 @@ def rerun(registry: Registry, options: dict, out_dir: Path | None, reporters: st
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="bench-"))
     argv = ["run", *run_argv(options), "--out", str(out_dir), "--quiet", "--report", reporters]
     err.print(f"running: bench {shlex.join(argv)}")
-    args = build_parser(registry).parse_args(argv)
+    args, unknown = build_parser(registry).parse_known_args(argv)
+    if unknown:
+        raise UsageError(f"the baseline's run options {' '.join(unknown)} are not known to this "
+                         "`bench run`; regenerate the baseline with `bench baseline update NAME`")
     args.func(registry, args)  # failed cells are judged by the comparison, not here
     return Run.open(out_dir)
 

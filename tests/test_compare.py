@@ -119,6 +119,9 @@ def test_bad_input_is_a_usage_error(capsys, tmp_path):
     assert code == 2 and "bench baseline update none" in err
     code, _, err = bench(capsys, "compare", DATA / "base", DATA / "head", "--tolerance", "fd=0.1")
     assert code == 2 and "METRIC:rel=R" in err
+    stale = write_baseline(load(DATA / "base"), tmp_path / "stale.json", {"no_such_option": "x"})
+    code, _, err = bench(capsys, "check", "--baseline", stale)
+    assert code == 2 and "--no-such-option x are not known" in err
     (tmp_path / "junk.json").write_text("[1, 2]")
     code, _, err = bench(capsys, "compare", tmp_path / "junk.json", DATA / "head")
     assert code == 2 and "not a baseline file" in err
