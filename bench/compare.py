@@ -1,12 +1,12 @@
 """Comparing runs and gating CI: `bench compare`, `bench check`, `bench baseline`.
 
 In the manner of asv compare: cells are matched by (model, method, NFE budget); a cell
-whose model, method, sample count, seed or plugin versions changed is *not comparable*,
-never a regression. Between comparable cells every metric and the calibrated wall-clock
-is judged: a change counts only if it exceeds its tolerance (max of a relative and an
-absolute part) AND, where both runs report a spread (`Value.std`, a standard error),
-passes a two-sided z-test at level `alpha`; without a spread the tolerance alone decides
-and the note says so. Speed is wall-clock in units of the model's own forward pass
+whose model, method, sample count, seed, precision or plugin versions changed is *not
+comparable*, never a regression. Between comparable cells every metric and the calibrated
+wall-clock is judged: a change counts only if it exceeds its tolerance (a factor either
+way and an absolute floor) AND, where both runs report a spread (`Value.std`, a standard
+error), passes a two-sided z-test at level `alpha`; without a spread the tolerance alone
+decides and the note says so. Speed is wall-clock in units of the model's own forward pass
 measured in the same process (`calibration_s`), because absolute times differ between
 machines.
 """
