@@ -14,7 +14,9 @@ averaged to grey, and sizes that are multiples of 8 (16x16 from a 2x upsample-gu
 modifier, say) are average-pooled to 8x8. Samples in [-1, 1] convert with `to_uint8`.
 
 Training is deterministic on the CPU: `python -m bench.digits_classifier` rewrites the
-shipped weights and reference features in bench/assets/ and prints the test accuracy.
+shipped weights and reference features in bench/assets/ and prints the test accuracy;
+`--evaluate` prints the shipped weights' test accuracy and the FID / KID of the held-out
+digits and of noise against the train split.
 Retraining changes the features, so new weights take a new versioned name.
 """
 
@@ -219,11 +221,45 @@ def accuracy(net: DigitsNet, indices: Tensor) -> float:
     return float((logits.argmax(1) == labels[indices]).float().mean())
 
 
+def evaluate() -> dict[str, float]:
+    """The shipped classifier's test accuracy, and FID / KID (torch-fidelity, this feature
+    space) of the held-out test split and of uniform noise against the train split."""
+    import torch_fidelity
+
+    train_idx, test_idx = split()
+    noise = DigitsDataset(test_idx)
+    noise.images = to_uint8(
+        torch.rand(len(test_idx), 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    )
+    out = {"test_accuracy": accuracy(load_net(), test_idx)}
+    for name, data in (("test_split", DigitsDataset(test_idx)), ("noise", noise)):
+        m = torch_fidelity.calculate_metrics(
+            input1=data,
+            input2=DigitsDataset(train_idx),
+            feature_extractor=NAME,
+            fid=True,
+            kid=True,
+            kid_subset_size=len(test_idx),
+            cuda=False,
+            cache=False,
+            verbose=False,
+            save_cpu_ram=True,
+        )
+        out[f"fid_{name}"] = m[torch_fidelity.KEY_METRIC_FID]
+        out[f"kid_{name}"] = m[torch_fidelity.KEY_METRIC_KID_MEAN]
+        out[f"kid_{name}_std"] = m[torch_fidelity.KEY_METRIC_KID_STD]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=f"train {NAME} and write its weights and reference features")
     parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--evaluate", action="store_true", help="only evaluate the shipped weights")
     args = parser.parse_args(argv)
+    if args.evaluate:
+        print(json.dumps({k: round(v, 4) for k, v in evaluate().items()}))
+        return 0
     torch.use_deterministic_algorithms(True)
     start = time.perf_counter()
     net = train(epochs=args.epochs)
