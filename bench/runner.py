@@ -25,11 +25,14 @@ import torch
 from .contracts import Batch, Denoiser, MetricContext, check_denoiser, resolve_options
 from .distributed import DistributedError, World
 from .errors import Infeasible, ModelLoadError, PluginError, UsageError
+from .images import save_grid
 from .nfe import CountingDenoiser, synchronize
 from .plugins import Registry
 from .seeding import SampleNoise
 from .store import CONFIG, FINAL, RESULTS, append_record, read_records, write_json
 from .throughput import DTYPES, accelerate, full_precision
+
+GRIDS = "samples"  # run subdirectory of each cell's PNG grid of its first samples
 
 # --- Specs: "name:key=value:key=value" --------------------------------------------------
 
@@ -393,7 +396,7 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
                         cache, config.metric_options)
     states: dict[str, Any] = {}
     world.on_main(lambda: states.update({n: registry.get("metrics", n).create(ctx) for n in metric_names}))
-    tally = Tally()
+    tally = Tally(grid=config.run_dir() / GRIDS / f"{cell.id}.png")
     sample_options = {**options, **plan.options, **prepared}
     batches = list(enumerate(_batches(config.num_samples, config.batch_size)))
     for k, mine in enumerate(world.deal(batches)):
@@ -500,6 +503,7 @@ class Tally:
     extra: int = 0
     extra_cost: float = 0.0
     nfe: set[int] = field(default_factory=set)
+    grid: Path | None = None  # where the first batch's PNG grid goes, once it is saved
 
     def feed(self, parts: list[Sampled | None], states: dict[str, Any], device, sigma_max: float) -> None:
         """Add a round's batches, in batch order, and feed them to the metrics."""
@@ -513,6 +517,9 @@ class Tally:
             for state in states.values():
                 state.update(batch)
             self.metric_s += time.perf_counter() - start
+            # The first samples as a PNG grid beside the results
+            if self.grid is not None and int(s.indices[0]) == 0:
+                save_grid(s.x0, self.grid)
 
 
 def _finish(states, tally: Tally, plan, sigmas, prep, applied) -> dict[str, Any]:
@@ -536,6 +543,7 @@ def _finish(states, tally: Tally, plan, sigmas, prep, applied) -> dict[str, Any]
         "overhead_s": tally.wall - tally.model_s,
         "metric_s": tally.metric_s,
         "metrics": metrics,
+        **({"grid": f"{GRIDS}/{tally.grid.name}"} if tally.grid and tally.grid.is_file() else {}),
         "sigmas": [round(float(s), 6) for s in sigmas],
         **prep,
     }
