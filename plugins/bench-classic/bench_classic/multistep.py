@@ -3,7 +3,8 @@
 In the sigma formulation (alpha = 1) lambda = -log sigma, so a step sigma_s -> sigma_t has
 h = log(sigma_s / sigma_t); data predictions m_i = D(x_i, sigma_i) or slopes d_i are kept
 in a short history. Warm-up uses lower orders; a step to sigma = 0 is the denoise
-x = D(x, sigma). Coefficients are computed in double precision on the host.
+x = D(x, sigma). The papers' formulas are evaluated on coefficient vectors over the
+history (numpy, double precision); the tensors are then combined in one fused pass each.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ def step_order(order: int, i: int, steps: int, lower_order_final: bool) -> int:
     return min(k, steps - i) if lower_order_final else k
 
 
-def combine(x: Tensor, terms) -> Tensor:
-    """x + sum of coefficient * tensor, skipping zero coefficients."""
-    for c, v in terms:
-        if c != 0:
-            x = x + c * v
-    return x
+def lincomb(terms) -> Tensor:
+    """sum of coefficient * tensor over (coefficient, tensor) pairs, one fused pass per
+    tensor; the first tensor sets dtype and device."""
+    (c0, v0), *rest = terms
+    out = v0 * float(c0)
+    for c, v in rest:
+        out.add_(v, alpha=float(c))
+    return out
 
 
 # --- DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling") -----
@@ -53,25 +56,26 @@ def dpmpp_update(
     The reference code's third-order term is phi_3 * D2 with D2 ~ h^2 m''/2, half of what
     integrates a quadratic m exactly, so it is second order asymptotically; d2="taylor"
     doubles it (the factor the singlestep 'taylor' update has), giving third order."""
-    sigma_s0, m0 = sigmas[-1], ms[-1]
+    sigma_s0 = sigmas[-1]
+    m = np.eye(len(ms))  # m[0] = m0 (newest), m[1] = m_(-1), m[2] = m_(-2), as coefficients
     h = math.log(sigma_s0 / sigma_t)
     phi_1 = math.expm1(-h)
-    x_t = (sigma_t / sigma_s0) * x - phi_1 * m0
-    if len(ms) == 1:
-        return x_t
-    # First divided difference of the data predictions, in units of h
-    r0 = math.log(sigmas[-2] / sigma_s0) / h
-    D1_0 = (m0 - ms[-2]) / r0
-    if len(ms) == 2:
-        return x_t - 0.5 * phi_1 * D1_0
-    # Third order: a second divided difference
-    r1 = math.log(sigmas[-3] / sigmas[-2]) / h
-    D1_1 = (ms[-2] - ms[-3]) / r1
-    D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
-    D2 = (D1_0 - D1_1) / (r0 + r1)
-    phi_2 = phi_1 / h + 1
-    phi_3 = phi_2 / h - 0.5
-    return x_t + phi_2 * D1 - (2 if d2 == "taylor" else 1) * phi_3 * D2
+    coeff = -phi_1 * m[0]
+    if len(ms) >= 2:
+        # First divided difference of the data predictions, in units of h
+        r0 = math.log(sigmas[-2] / sigma_s0) / h
+        D1_0 = (m[0] - m[1]) / r0
+        coeff = coeff - 0.5 * phi_1 * D1_0
+    if len(ms) == 3:
+        # Third order: a second divided difference replaces the midpoint term
+        r1 = math.log(sigmas[-3] / sigmas[-2]) / h
+        D1_1 = (m[1] - m[2]) / r1
+        D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
+        D2 = (D1_0 - D1_1) / (r0 + r1)
+        phi_2 = phi_1 / h + 1
+        phi_3 = phi_2 / h - 0.5
+        coeff = -phi_1 * m[0] + phi_2 * D1 - (2 if d2 == "taylor" else 1) * phi_3 * D2
+    return lincomb([(sigma_t / sigma_s0, x), *zip(coeff, reversed(ms), strict=True)])
 
 
 @torch.no_grad()
@@ -119,20 +123,22 @@ def sample_dpmpp_2m_sde(
             # Denoise to 0
             x = denoised
         else:
-            # First-order SDE step: decay, data term, then a second-order correction
+            # First-order SDE step: decay and data term
             h = math.log(s[i] / s[i + 1])
             eta_h = eta * h
-            x = s[i + 1] / s[i] * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * denoised
+            terms = [(s[i + 1] / s[i] * math.exp(-eta_h), x), (-math.expm1(-h - eta_h), denoised)]
+            # Second-order correction from the previous data prediction
             if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
                     c = -math.expm1(-h - eta_h) / (-h - eta_h) + 1
                 else:
                     c = -0.5 * math.expm1(-h - eta_h)
-                x = x + c / r * (denoised - old_denoised)
+                terms += [(c / r, denoised), (-c / r, old_denoised)]
             # Fresh noise of the SDE's variance over the step
             if eta > 0:
-                x = x + noise() * s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
+                terms.append((s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise, noise()))
+            x = lincomb(terms)
             h_last = h
         old_denoised = denoised
         report(callback, i, x, s[i], s[i + 1], denoised)
@@ -162,22 +168,25 @@ def unipc_update(
 ) -> Tensor:
     """UniP (m_t None) or UniC (m_t = D at the predicted point) of order len(ms) from the
     last points `sigmas`, `ms` (newest last), data prediction (Zhao et al. 2023, Alg. 2-3)."""
-    sigma_s0, m0 = sigmas[-1], ms[-1]
+    sigma_s0 = sigmas[-1]
+    tensors = [*reversed(ms), *([m_t] if m_t is not None else [])]
+    m = np.eye(len(tensors))  # m[0] = m0, then the older predictions, then m_t, as coefficients
     h = math.log(sigma_s0 / sigma_t)
     # Scaled differences to the older predictions
     rks = [math.log(sigma_s0 / sigma_k) / h for sigma_k in reversed(sigmas[:-1])]
-    d1s = [(m_k - m0) / r for m_k, r in zip(reversed(ms[:-1]), rks, strict=True)]
+    D1s = [(m[k] - m[0]) / r for k, r in enumerate(rks, start=1)]
     h_phi_1, b_h, R, b = unipc_system(h, rks + [1.0], variant)
-    x_t = (sigma_t / sigma_s0) * x - h_phi_1 * m0
-    # Predictor: solve the order conditions without the new point
-    if m_t is None:
-        if not d1s:
-            return x_t
-        rhos = [0.5] if len(d1s) == 1 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
-        return combine(x_t, [(-b_h * rho, d) for rho, d in zip(rhos, d1s, strict=True)])
-    # Corrector: the new point's prediction enters with the last coefficient
-    rhos = [0.5] if not d1s else np.linalg.solve(R, b).tolist()
-    return combine(x_t, [(-b_h * rho, d) for rho, d in zip(rhos, d1s + [m_t - m0], strict=True)])
+    coeff = -h_phi_1 * m[0]
+    if m_t is None and D1s:
+        # Predictor: the order conditions without the new point
+        rhos = [0.5] if len(D1s) == 1 else np.linalg.solve(R[:-1, :-1], b[:-1])
+        coeff = coeff - b_h * sum(rho * D1 for rho, D1 in zip(rhos, D1s, strict=True))
+    elif m_t is not None:
+        # Corrector: the new point's prediction enters with the last coefficient
+        rhos = [0.5] if not D1s else np.linalg.solve(R, b)
+        D1_t = m[-1] - m[0]
+        coeff = coeff - b_h * sum(rho * D1 for rho, D1 in zip(rhos, [*D1s, D1_t], strict=True))
+    return lincomb([(sigma_t / sigma_s0, x), *zip(coeff, tensors, strict=True)])
 
 
 @torch.no_grad()
@@ -230,7 +239,7 @@ def adams_bashforth(model, x, s: list[float], order: int, afs: bool, callback, w
         if s[i + 1] == 0:
             x = denoised
         else:
-            x = combine(x, list(zip(weights(i, len(ds)), ds, strict=True)))
+            x = lincomb([(1.0, x), *zip(weights(i, len(ds)), ds, strict=True)])
         report(callback, i, x, s[i], s[i + 1], denoised)
     return x
 

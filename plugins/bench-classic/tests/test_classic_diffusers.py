@@ -54,6 +54,13 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours.double() - theirs.double()).norm() / theirs.double().norm())
 
 
+def agree(request, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Our samples are diffusers' to within TOL relative error (printed with -s)."""
+    error = relative_error(ours, theirs)
+    print(f"\n{request.node.name}: relative error {error:.1e}")
+    assert error < TOL
+
+
 def drive(scheduler, net, x_T: torch.Tensor, sigmas: torch.Tensor, *, vp: bool, noises=None, eta=0.0):
     """diffusers' sampling loop. VP schedulers work on x / sqrt(1 + sigma^2): they start from
     x_T scaled so and their result is scaled back (the identity when it ends at sigma = 0)."""
@@ -89,17 +96,17 @@ def ours(registry, model, eps, text, steps, spacing="trailing", noise=None, **op
 
 @pytest.mark.parametrize("spacing", ["trailing", "leading"])
 @pytest.mark.parametrize("steps", [10, 25])
-def test_ddim_equals_diffusers_ddim(registry, setup, spacing, steps):
+def test_ddim_equals_diffusers_ddim(request, registry, setup, spacing, steps):
     net, model, eps = setup
     x0, sigmas = ours(registry, model, eps, "ddim", steps, spacing)
     scheduler = DDIMScheduler(**DDPM, clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing)
     scheduler.set_timesteps(steps)
     assert torch.allclose(sigmas[:-1].double(), net.sigmas[scheduler.timesteps].float().double())
     theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=True)
-    assert relative_error(x0, theirs) < TOL
+    agree(request, x0, theirs)
 
 
-def test_stochastic_ddim_equals_diffusers_ddim_with_the_same_noise(registry, setup):
+def test_stochastic_ddim_equals_diffusers_ddim_with_the_same_noise(request, registry, setup):
     """eta > 0: the same per-step noise z enters both (diffusers' variance_noise)."""
     net, model, eps = setup
     steps, eta = 20, 0.7
@@ -109,25 +116,25 @@ def test_stochastic_ddim_equals_diffusers_ddim_with_the_same_noise(registry, set
     scheduler = DDIMScheduler(**DDPM, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     scheduler.set_timesteps(steps)
     theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=True, noises=noises, eta=eta)
-    assert relative_error(x0, theirs) < TOL
+    agree(request, x0, theirs)
     # The noise matters: a deterministic run lands elsewhere
     assert relative_error(ours(registry, model, eps, "ddim", steps)[0], theirs) > 100 * TOL
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "leading"])
-def test_euler_equals_diffusers_euler(registry, setup, spacing):
+def test_euler_equals_diffusers_euler(request, registry, setup, spacing):
     net, model, eps = setup
     x0, sigmas = ours(registry, model, eps, "euler", 12, spacing)
     scheduler = EulerDiscreteScheduler(**DDPM, timestep_spacing=spacing)
     scheduler.set_timesteps(12)
     assert torch.allclose(sigmas, scheduler.sigmas, rtol=1e-6)
     theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=False)
-    assert relative_error(x0, theirs) < TOL
+    agree(request, x0, theirs)
 
 
 @pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("steps", [10, 20])
-def test_dpmpp_multistep_equals_diffusers(registry, setup, order, steps):
+def test_dpmpp_multistep_equals_diffusers(request, registry, setup, order, steps):
     """diffusers lowers the final orders only below 15 steps; ours does so when asked."""
     net, model, eps = setup
     x0, sigmas = ours(registry, model, eps, f"dpm++{order}m", steps, lower_order_final=steps < 15)
@@ -143,12 +150,12 @@ def test_dpmpp_multistep_equals_diffusers(registry, setup, order, steps):
     scheduler.set_timesteps(steps)
     assert torch.allclose(sigmas, scheduler.sigmas, rtol=1e-6)
     theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=True)
-    assert relative_error(x0, theirs) < TOL
+    agree(request, x0, theirs)
 
 
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
 @pytest.mark.parametrize("order", [2, 3])
-def test_unipc_equals_diffusers(registry, setup, variant, order):
+def test_unipc_equals_diffusers(request, registry, setup, variant, order):
     """diffusers' bh1 with final_sigmas_type="zero" returns NaN (B(h) = -h is infinite on the
     step to 0 and multiplies a zero residual), so both sides end at sigma_min = sigma(t=0)
     instead: we sample on diffusers' own sigmas, which then end without a 0."""
@@ -168,10 +175,10 @@ def test_unipc_equals_diffusers(registry, setup, variant, order):
     sampler = registry.get("samplers", "unipc")
     x0 = sampler.sample(model, eps * sigmas[0], sigmas, variant=variant, order=order, lower_order_final=True)
     theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=True)
-    assert relative_error(x0, theirs) < TOL
+    agree(request, x0, theirs)
 
 
-def test_unipc_bh2_to_zero_equals_diffusers(registry, setup):
+def test_unipc_bh2_to_zero_equals_diffusers(request, registry, setup):
     """bh2 is finite on the step to 0 on both sides, so it is checked with the default convention."""
     net, model, eps = setup
     x0, sigmas = ours(registry, model, eps, "unipc:variant=bh2:order=3", 12)
@@ -187,4 +194,4 @@ def test_unipc_bh2_to_zero_equals_diffusers(registry, setup):
     scheduler.set_timesteps(12)
     assert torch.allclose(sigmas, scheduler.sigmas, rtol=1e-6)
     theirs = drive(scheduler, net, eps * sigmas[0], sigmas, vp=True)
-    assert relative_error(x0, theirs) < TOL
+    agree(request, x0, theirs)
