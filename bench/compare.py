@@ -6,9 +6,12 @@ comparable*, never a regression. Between comparable cells every metric and the c
 wall-clock is judged: a change counts only if it exceeds its tolerance (a factor either
 way and an absolute floor) AND, where both runs report a spread (`Value.std`, a standard
 error), passes a two-sided z-test at level `alpha`; without a spread the tolerance alone
-decides and the note says so. Speed is wall-clock in units of the model's own forward pass
-measured in the same process (`calibration_s`), because absolute times differ between
-machines.
+decides and the note says so. Speed is the sampling wall-clock in units of the model's own
+forward pass, timed in the same process during the same cell (`model_s` per counted call),
+because absolute times differ between machines and with the load on them; it reads
+"NFE x (1 + time outside the network / time inside it)", so what it catches is a sampler
+or modifier spending more time outside the network. Runs without in-model time fall back
+to the run's `calibration_s` (one forward pass timed when the run starts).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class Tolerance:
         return {"rel": self.rel, "abs": self.abs}
 
 
-DEFAULT_TOLERANCES = {ANY: Tolerance(rel=0.1), SPEED: Tolerance(rel=2.0, abs=1.0)}
+DEFAULT_TOLERANCES = {ANY: Tolerance(rel=0.1), SPEED: Tolerance(rel=1.0, abs=1.0)}
 
 
 def tolerances_from_json(data: dict[str, Any] | None) -> dict[str, Tolerance]:
@@ -107,12 +110,18 @@ def load(path: str | Path) -> Run:
 
 
 def speed(record: dict[str, Any]) -> float | None:
-    """Sampling wall-clock per batch in units of one model forward pass (`calibration_s`)."""
-    calibration = record.get("calibration_s")
-    if not calibration or record.get("wall_s") is None:
+    """Sampling wall-clock per batch in units of one full-resolution model forward pass,
+    timed inside the cell itself (model_s over the counted calls, `nfe_equiv` when extra
+    calls at other resolutions ran); else in units of the run's `calibration_s`."""
+    wall, model_s = record.get("wall_s"), record.get("model_s")
+    calls = record.get("nfe_equiv") or record.get("nfe_counted")
+    if wall is None:
         return None
-    batches = math.ceil(record["num_samples"] / record["batch_size"])
-    return record["wall_s"] / (calibration * batches)
+    if model_s and calls:
+        return wall * calls / model_s
+    if record.get("calibration_s"):
+        return wall / (record["calibration_s"] * math.ceil(record["num_samples"] / record["batch_size"]))
+    return None
 
 
 # --- Comparing ------------------------------------------------------------------------
@@ -240,7 +249,7 @@ def compare_speed(b: dict[str, Any], h: dict[str, Any], tol: Tolerance) -> Chang
     """Wall-clock per batch in model forward passes; judged by the tolerance alone."""
     base, head = speed(b), speed(h)
     if base is None or head is None:
-        return Change(SPEED, base, head, "not comparable", "no calibration_s recorded")
+        return Change(SPEED, base, head, "not comparable", "no in-model time or calibration recorded")
     changed = differences(SPEED_IDENTITY, b, h)
     if changed:
         return Change(SPEED, base, head, "not comparable", "; ".join(changed))

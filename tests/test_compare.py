@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.compare import Tolerance, compare_runs, load, write_baseline, z_score
+from bench.compare import Tolerance, compare_runs, load, speed, write_baseline, z_score
 
 DATA = Path(__file__).parent / "data" / "compare"
 
@@ -109,6 +109,15 @@ def test_tolerance_is_a_factor_either_way_and_an_absolute_floor():
     assert tol.exceeded(-1.0, -1.2) and not tol.exceeded(-1.0, -1.05)  # signs: relative to |base|
 
 
+def test_speed_is_wall_clock_in_the_cells_own_model_calls():
+    cell = {"wall_s": 3.0, "model_s": 2.0, "nfe_counted": 10, "num_samples": 1000, "batch_size": 500}
+    assert speed(cell) == pytest.approx(15.0)  # 10 calls, plus half as long again outside them
+    assert speed(cell | {"nfe_equiv": 12.5}) == pytest.approx(18.75)  # extra low-resolution calls
+    # Without in-model time: the run's calibration, per batch
+    assert speed(cell | {"model_s": 0.0, "calibration_s": 0.1}) == pytest.approx(15.0)
+    assert speed(cell | {"model_s": None}) is None
+
+
 def test_z_score_uses_both_standard_errors():
     assert z_score(1.0, 1.5, 0.3, 0.4) == pytest.approx(1.0)
     assert z_score(1.0, 1.0, 0.0, 0.0) == 0.0 and z_score(1.0, 2.0, 0.0, 0.0) == math.inf
@@ -168,7 +177,8 @@ def probe_baseline(plugin_site, monkeypatch, tmp_path, capsys):
     torch.set_num_threads(threads)
 
 
-# Wall-clock is not judged here: on a loaded test machine it is noise; the golden test covers it
+# Wall-clock is not judged here: the toy model's calls take microseconds, so the time outside
+# them is noise; the golden test and test_speed_* cover speed
 NO_SPEED = ("--tolerance", "wall:rel=inf")
 
 
