@@ -32,7 +32,11 @@ import torch
 from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-from torch_fidelity.metric_fid import fid_input_id_to_statistics_cached, fid_statistics_to_metric
+from torch_fidelity.metric_fid import (
+    KEY_METRIC_FID,
+    fid_input_id_to_statistics_cached,
+    fid_statistics_to_metric,
+)
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.registry import DATASETS_REGISTRY
@@ -250,6 +254,7 @@ def _torch_fidelity_stats(source: str, extractor: FeatureExtractorBase, **kwargs
 
 
 def _need(ctx: MetricContext, name: str, minimum: int) -> None:
+    """A UsageError before sampling when the run has too few samples for the metric."""
     if ctx.num_samples < minimum:
         raise UsageError(f"metric '{name}' needs at least {minimum} samples; raise --num-samples")
 
@@ -267,7 +272,7 @@ class Frechet:
 
     def result(self) -> Mapping[str, Value]:
         ref = {k: self.space.reference[k] for k in ("mu", "sigma")}
-        fid = next(iter(fid_statistics_to_metric(self.samples.stats(), ref, verbose=False).values()))
+        fid = fid_statistics_to_metric(self.samples.stats(), ref, verbose=False)[KEY_METRIC_FID]
         return {f"fid_{self.space.key}": Value(fid, n=self.samples.n, title=f"FID ({self.space.title})")}
 
 
@@ -318,8 +323,12 @@ class PrecisionRecall(_Features):
         )
         key, title, n = self.space.key, self.space.title, len(gen)
         return {
-            f"precision_{key}": Value(prc[KEY_METRIC_PRECISION], True, n=n, title=f"precision ({title})"),
-            f"recall_{key}": Value(prc[KEY_METRIC_RECALL], True, n=n, title=f"recall ({title})"),
+            f"precision_{key}": Value(
+                prc[KEY_METRIC_PRECISION], higher_is_better=True, n=n, title=f"precision ({title})"
+            ),
+            f"recall_{key}": Value(
+                prc[KEY_METRIC_RECALL], higher_is_better=True, n=n, title=f"recall ({title})"
+            ),
         }
 
 
