@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -157,18 +158,21 @@ def cmd_plugins(registry: Registry, args: argparse.Namespace) -> int:
 def cmd_list(registry: Registry, args: argparse.Namespace) -> int:
     kinds = [args.kind] if args.kind else list(registry.items)
     for kind in kinds:
-        table = Table(title=kind, title_justify="left")
-        table.add_column("name", style="bold")
+        table = Table(title=kind, title_justify="left", show_lines=True)
+        table.add_column("name", style="bold", no_wrap=True)
         if kind == "samplers":
-            table.add_column("NFE rule")
-            table.add_column("default schedule")
-        table.add_column("options")
-        table.add_column("description")
-        table.add_column("from")
+            table.add_column("NFE rule", ratio=1)
+        table.add_column("description, options, plugin", ratio=2)
         for name, item in registry.items[kind].items():
-            extra = [item.nfe_rule, item.default_schedule] if kind == "samplers" else []
+            lines = [item.description]
+            if kind == "samplers":
+                lines.append(f"default schedule: {item.default_schedule}")
             options = ", ".join(f"{k}={v}" for k, v in getattr(item, "options", {}).items())
-            table.add_row(name, *extra, options, item.description, registry.version_of(kind, name))
+            if options:
+                lines.append(f"options: {options}")
+            lines.append(f"from {registry.version_of(kind, name)}")
+            rule = [item.nfe_rule] if kind == "samplers" else []
+            table.add_row(name, *rule, escape("\n".join(lines)))
         out.print(table)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -39,14 +40,15 @@ def register_samplers(register):
 
 
 def bench(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}  # wide tables: no wrapping inside cells
     return subprocess.run(
-        [sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+        [sys.executable, "-m", "bench", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )
 
 
 def test_run_end_to_end(tmp_path):
     out = tmp_path / "run"
-    proc = bench("run", "--samplers", "euler,heun", "--nfe", "3,4", "--num-samples", "30",
+    proc = bench("run", "--samplers", "euler,heun:afs=false", "--nfe", "3,4", "--num-samples", "30",
                  "--batch-size", "16", "--metrics", "fd", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     for name in ("config.json", "results.jsonl", "results.csv", "report.md"):
@@ -56,11 +58,14 @@ def test_run_end_to_end(tmp_path):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert list(rows[0])[: len(CSV_COLUMNS)] == CSV_COLUMNS and "fd" in rows[0]
     cells = {(r["sampler"], r["nfe"]): r for r in rows}
-    assert cells[("heun", "4")]["status"] == "infeasible"
-    assert cells[("heun", "3")]["nfe_counted"] == "3" and cells[("euler", "4")]["nfe_counted"] == "4"
-    assert "heun" in (out / "report.md").read_text()
+    # EDM's Heun without the analytical first step spends 2 * steps - 1: odd budgets only
+    assert cells[("heun:afs=false", "4")]["status"] == "infeasible"
+    assert "2 * steps - 1" in cells[("heun:afs=false", "4")]["reason"]
+    assert cells[("heun:afs=false", "3")]["nfe_counted"] == "3"
+    assert cells[("euler", "4")]["nfe_counted"] == "4"
+    assert "heun:afs=false" in (out / "report.md").read_text()
     # The same command again resumes: nothing reruns
-    again = bench("run", "--samplers", "euler,heun", "--nfe", "3,4", "--num-samples", "30",
+    again = bench("run", "--samplers", "euler,heun:afs=false", "--nfe", "3,4", "--num-samples", "30",
                   "--batch-size", "16", "--metrics", "fd", "--out", str(out), "--quiet")
     assert again.returncode == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
