@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from bench.contracts import resolve_options
 from bench.errors import UsageError
 from bench.models import gaussian
 from bench.plugins import load_registry
@@ -59,9 +60,11 @@ def test_every_sampler_converges_to_the_exact_ode_solution(registry):
                 plan = sampler.plan(nfe, dict(sampler.options))
             except Exception:
                 continue  # a budget this sampler cannot meet exactly
-            sched = registry.get("schedules", sampler.default_schedule)
+            spec = Spec.parse(sampler.default_schedule)  # e.g. "time-uniform:rho=2"
+            sched = registry.get("schedules", spec.name)
+            sched_options = resolve_options("schedule", spec.name, sched.options, dict(spec.options))
             sigmas = sched.sigmas(plan.steps, model.sigma_min, model.sigma_max, to_zero=plan.to_zero,
-                                  denoiser=model, device="cpu", **sched.options)
+                                  denoiser=model, device="cpu", **sched_options)
             x0 = sampler.sample(model, eps * sigmas[0], sigmas, **{**sampler.options, **plan.options})
             errors[nfe] = float((x0.double() - exact).pow(2).mean().sqrt())
         low = [e for n, e in errors.items() if n < 10]
