@@ -1,10 +1,12 @@
 """The AMED fit: distillation from a teacher solve on a finer grid (Zhou et al., CVPR 2024,
 Sec. 3.3; diff-sampler's training loop).
 
-The teacher (Heun by default) runs from the same x_T through `teacher_m` extra sigmas per
-student interval, placed uniformly in sigma^(1/7) (exactly the finer polynomial
-schedule when the student's is polynomial with rho = 7), and is read at the student's
-sigmas. For interval i the student takes one AMED interval and the loss is
+The teacher (Heun by default) runs from the same x_T on a finer grid: M = ceil(teacher_steps
+/ intervals) - 1 extra sigmas inside each student interval (the paper's M), placed
+uniformly in sigma^(1/7), which is exactly the finer polynomial schedule when the
+student's is polynomial with rho = 7, and is read at the student's sigmas. Asking for a
+number of teacher steps over the whole schedule keeps the teacher equally accurate at
+every budget. For interval i the student takes one AMED interval and the loss is
 || x_student(sigma_{i+1}) - x_teacher(sigma_{i+1}) ||^2 (summed over pixels, mean over the
 batch); Adam takes one step per interval. Single-step bases start each interval from the
 teacher's point; multistep bases (iPNDM, DPM-Solver++) chain their own outputs and history.
@@ -35,7 +37,7 @@ class FitOptions:
     """How a predictor is fitted; every field is part of the cache key."""
 
     teacher: str = "heun"
-    teacher_m: int = 3  # teacher sigmas inserted inside each student interval
+    teacher_steps: int = 32  # the teacher's steps over the whole schedule, at least
     samples: int = 1000  # teacher trajectories
     batch: int = 25
     epochs: int = 2  # passes over the teacher trajectories
@@ -45,9 +47,9 @@ class FitOptions:
     def __post_init__(self) -> None:
         if self.teacher not in TEACHERS:
             raise UsageError(f"unknown AMED teacher '{self.teacher}'; use {' or '.join(TEACHERS)}")
-        if self.teacher_m < 0 or min(self.samples, self.batch, self.epochs) < 1 or not self.lr > 0:
+        if min(self.teacher_steps, self.samples, self.batch, self.epochs) < 1 or not self.lr > 0:
             raise UsageError(
-                "AMED teacher_m must be >= 0, fit_samples, fit_batch, fit_epochs >= 1, fit_lr > 0"
+                "AMED teacher_steps, fit_samples, fit_batch and fit_epochs must be >= 1, fit_lr > 0"
             )
 
     def to_json(self) -> dict:
@@ -67,14 +69,14 @@ def refine(sigmas: Tensor, m: int, rho: float = RHO) -> Tensor:
 
 def teacher_points(model, x_T: Tensor, sigmas: Tensor, options: FitOptions) -> list[Tensor]:
     """The teacher's solution at each student sigma: [x_T, x(sigma_1), ..., x(sigma_min)]."""
-    stride = options.teacher_m + 1
+    stride = -(-options.teacher_steps // (len(sigmas) - 1))  # M + 1 teacher steps per interval
     points = [x_T]
 
     def keep(info) -> None:
         if (info["i"] + 1) % stride == 0:
             points.append(info["x"])
 
-    TEACHERS[options.teacher](model, x_T, refine(sigmas, options.teacher_m), callback=keep)
+    TEACHERS[options.teacher](model, x_T, refine(sigmas, stride - 1), callback=keep)
     return points
 
 

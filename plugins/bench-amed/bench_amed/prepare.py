@@ -23,7 +23,7 @@ KINDS = ("auto", "bottleneck", "sigma-only")
 # FitOptions field -> sampler option
 FIT_OPTIONS = {
     "teacher": "teacher",
-    "teacher_m": "teacher_m",
+    "teacher_steps": "teacher_steps",
     "samples": "fit_samples",
     "batch": "fit_batch",
     "epochs": "fit_epochs",

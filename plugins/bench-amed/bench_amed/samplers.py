@@ -16,7 +16,7 @@ COMMON = {
     "afs": "auto",  # AFS where the parity needs it (odd budgets, as in the paper), true or false
     "predictor": "auto",  # auto (bottleneck when the model has one), bottleneck or sigma-only
     "teacher": "heun",
-    "teacher_m": 3,
+    "teacher_steps": 32,
     "fit_samples": 1000,
     "fit_batch": 25,
     "fit_epochs": 2,

@@ -24,4 +24,4 @@ def cache(tmp_path, monkeypatch):
 def tiny_fit():
     """Options for a fit small enough for unit tests: few trajectories, the teacher on the
     student's own grid."""
-    return {"fit_samples": 8, "fit_batch": 8, "fit_epochs": 1, "teacher_m": 0}
+    return {"fit_samples": 8, "fit_batch": 8, "fit_epochs": 1, "teacher_steps": 1}

@@ -143,7 +143,9 @@ def bench(registry, *argv: str) -> int:
 
 
 def test_bench_fit_command_fits_what_bench_run_then_loads(registry, tmp_path, cache, capsys):
-    sampler = spec("amed-plugin-euler", {"fit_samples": 8, "fit_batch": 8, "fit_epochs": 1, "teacher_m": 0})
+    sampler = spec(
+        "amed-plugin-euler", {"fit_samples": 8, "fit_batch": 8, "fit_epochs": 1, "teacher_steps": 1}
+    )
     code = bench(registry, "fit", "--model", "mixture", "--samplers", sampler, "--nfe", "3,4", "--quiet")
     assert code == 0
     table = capsys.readouterr().out
