@@ -193,5 +193,5 @@ def add_plugin_command(subparsers) -> None:
 
 def cmd_plugin_new(registry, args: argparse.Namespace) -> int:
     root = new_plugin(args.name, args.dir, registry.names("samplers"))
-    print(f"wrote {root}: pip install -e {root}[test] && pytest {root}")
+    print(f"wrote {root}; next: pip install -e '{root.resolve()}[test]' && pytest {root}")
     return 0

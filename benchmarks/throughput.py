@@ -108,7 +108,7 @@ def table(rows: list[Row]) -> str:
     lines = [f"{'sampler':<22}{'NFE':>5}{'images/s':>12}{'in network':>12}"]
     for r in rows:
         if r.status == "ok":
-            lines.append(f"{r.sampler:<22}{r.nfe:>5}{r.images_per_s:>12.1f}{r.in_network:>11.1%}")
+            lines.append(f"{r.sampler:<22}{r.nfe:>5}{r.images_per_s:>12.4g}{r.in_network:>12.2%}")
         else:
             lines.append(f"{r.sampler:<22}{r.nfe:>5}  {r.status}: {r.reason}")
     return "\n".join(lines)
