@@ -104,7 +104,7 @@ def plan_checked(**allowed: tuple) -> Callable[[int, Mapping[str, Any]], Plan]:
 
 
 def plan_unipc(nfe: int, options: Mapping[str, Any]) -> Plan:
-    """UniPC: 1 NFE per step; variant=auto is bh1 below 10 steps, else bh2 (Zhao et al. 2023)."""
+    """UniPC: 1 NFE per step; variant=auto is bh1 below 10 steps, else bh2 (diffusers' advice)."""
     variant = choose(options, "variant", ("auto", "bh1", "bh2"))
     plan = plan_checked(order=(1, 2, 3))(nfe, options)
     if variant == "auto":

@@ -105,10 +105,10 @@ SAMPLERS = [
         multistep.sample_unipc,
         budgets.plan_unipc,
         ONE,
-        "UniPC (Zhao et al. 2023): UniP-order predictor + UniC corrector; variant=auto is bh1 "
-        "below 10 steps, else bh2",
+        "UniPC (Zhao et al. 2023): UniP predictor + UniC corrector; bh2 as diff-sampler runs it "
+        "(variant=auto: bh1 below 10 steps, diffusers' advice for unconditional models)",
         default_schedule="logsnr",
-        options={"order": 3, "variant": "auto", "lower_order_final": True, **ODE},
+        options={"order": 3, "variant": "bh2", "lower_order_final": True, **ODE},
     ),
     Sampler(
         "ipndm",

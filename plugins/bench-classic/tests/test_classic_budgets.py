@@ -74,9 +74,11 @@ def test_planners_follow_the_documented_rules(registry):
     # DPM-Solver-fast's orders: third order, then 2/1, summing to the budget less the denoise
     assert plan("dpm-solver-3", 10).options["orders"] == (3, 3, 2, 1)
     assert plan("dpm-solver-3", 11).options["orders"] == (3, 3, 3, 1)
-    # UniPC's recommended variant: bh1 below 10 steps, bh2 from 10
-    assert plan("unipc", 9).options["variant"] == "bh1"
-    assert plan("unipc", 10).options["variant"] == "bh2"
+    # UniPC runs bh2 (diff-sampler); variant=auto picks bh1 below 10 steps, bh2 from 10
+    unipc = registry.get("samplers", "unipc")
+    assert plan("unipc", 9).options["variant"] == "bh2"
+    assert unipc.plan(9, {**unipc.options, "variant": "auto"}).options["variant"] == "bh1"
+    assert unipc.plan(10, {**unipc.options, "variant": "auto"}).options["variant"] == "bh2"
     # One NFE per step; without the final denoise the schedule ends at sigma_min
     p = registry.get("samplers", "dpm++2m").plan(5, {"afs": "auto", "denoise_to_zero": False})
     assert (p.steps, p.to_zero) == (5, False)
@@ -96,9 +98,11 @@ def test_bad_option_values_are_usage_errors_and_impossible_budgets_infeasible(re
 def test_bench_list_shows_every_nfe_rule(registry, capsys, monkeypatch):
     monkeypatch.setattr(cli.out, "width", 400)
     assert cli.main(["list", "samplers"]) == 0
-    out = capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
     for name in samplers_of("bench-classic"):
         sampler = registry.get("samplers", name)
-        row = next(line for line in out.splitlines() if f" {name} " in line)
-        assert sampler.nfe_rule in row, row
-        assert sampler.default_schedule in row, row
+        # The sampler's table row: from its name to the next rule line
+        start = next(i for i, line in enumerate(lines) if f" {name} " in line)
+        end = next(i for i in range(start + 1, len(lines)) if lines[i][:1] in "├└")
+        assert sampler.nfe_rule in lines[start]
+        assert sampler.default_schedule in " ".join(lines[start:end])
