@@ -375,7 +375,9 @@ def check_schedule(
 
 def random_unet(seed: int = 0) -> Denoiser:
     """The digits UNet (named skips, a bottleneck) with random weights drawn from `seed` and
-    EDM preconditioning: a real network for modifier checks that needs no weights file."""
+    EDM preconditioning: a real network for modifier checks that needs no weights file.
+    Parameters initialised to zero (the output layer, norms' biases) get random values too,
+    so that the output depends on every layer."""
     from .adapters import Preconditioned
     from .digits import SHAPE as DIGITS_SHAPE
     from .digits import UNet, UNetConfig
@@ -383,6 +385,9 @@ def random_unet(seed: int = 0) -> Denoiser:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = UNet(UNetConfig()).eval()
+        for p in net.parameters():
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.1)
     return Preconditioned(net, "edm", DIGITS_SHAPE, has_bottleneck=True)
 
 
