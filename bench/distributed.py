@@ -78,6 +78,12 @@ class World:
             chunk = items[start : start + self.size]
             yield chunk[self.rank] if self.rank < len(chunk) else None
 
+    def main_first(self, fn: Callable[[], T]) -> T:
+        """fn() on rank 0, then on the other ranks (a load that may download into a shared cache)."""
+        value = fn() if self.main else None
+        self.broadcast(None)
+        return value if self.main else fn()
+
     # Collectives; in a world of one they hand the object straight back
 
     def gather(self, obj: Any) -> list[Any] | None:

@@ -288,7 +288,8 @@ def run(
     new: list[dict[str, Any]] = []
     index = -1  # the cell's place in the whole grid, which shards share out
     for model_spec in config.models:
-        plain = load_model(registry, model_spec, device, config.model_options)
+        # Rank 0 loads first: a download lands in the shared cache once
+        plain = world.main_first(partial(load_model, registry, model_spec, device, config.model_options))
         denoiser = accelerate(plain, **config.speed_options())
         calibration_s = calibrate(denoiser, min(config.batch_size, config.num_samples), device)
         source = registry.get("models", model_spec.partition(":")[0])
