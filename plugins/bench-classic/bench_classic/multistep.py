@@ -10,10 +10,13 @@ history (numpy, double precision); the tensors are then combined in one fused pa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from bench import Denoiser
 
 from .samplers import denoise, floats, report, to_d
 from .schedules import vp_fit, vp_time
@@ -34,7 +37,7 @@ def step_order(order: int, i: int, steps: int, lower_order_final: bool) -> int:
     return min(k, steps - i) if lower_order_final else k
 
 
-def lincomb(terms) -> Tensor:
+def lincomb(terms: Iterable[tuple[float, Tensor]]) -> Tensor:
     """sum of coefficient * tensor over (coefficient, tensor) pairs, one fused pass per
     tensor; the first tensor sets dtype and device."""
     (c0, v0), *rest = terms
@@ -227,7 +230,15 @@ def sample_unipc(
 # --- Adams-Bashforth on the slope d: iPNDM and DEIS (Zhang & Chen 2023) --------------------
 
 
-def adams_bashforth(model, x, s: list[float], order: int, afs: bool, callback, weights) -> Tensor:
+def adams_bashforth(
+    model: Denoiser,
+    x: Tensor,
+    s: list[float],
+    order: int,
+    afs: bool,
+    callback: Callable | None,
+    weights: Callable[[int, int], list[float]],
+) -> Tensor:
     """The linear multistep loop of iPNDM and DEIS: x_next = x + sum_j w_j d_(i-j) over the
     last `order` slopes d = (x - D) / sigma, newest first; `weights(i, k)` gives step i's k
     weights (fewer during warm-up). A step to sigma = 0 is the denoise."""
@@ -254,7 +265,9 @@ def sample_ipndm(model, x, sigmas, *, noise=None, callback=None, order=4, afs=Fa
     return adams_bashforth(model, x, s, order, afs, callback, weights)
 
 
-def lagrange_integrals(nodes: list[float], sigma_s: float, sigma_t: float, time, points: int = 24):
+def lagrange_integrals(
+    nodes: list[float], sigma_s: float, sigma_t: float, time: Callable, points: int = 24
+) -> list[float]:
     """int_{sigma_s}^{sigma_t} l_j(time(sigma)) dsigma for the Lagrange basis l_j on `nodes`,
     by Gauss-Legendre quadrature in sigma (exact for a polynomial in sigma)."""
     u, w = np.polynomial.legendre.leggauss(points)

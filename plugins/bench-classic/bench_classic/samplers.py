@@ -15,18 +15,21 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from bench import Denoiser
+from bench.contracts import NoiseFn
+
 
 def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
     """dx/dsigma of the probability-flow ODE (Karras et al. 2022, eq. 3)."""
     return (x - denoised) / sigma
 
 
-def floats(sigmas) -> list[float]:
+def floats(sigmas: Tensor | list[float]) -> list[float]:
     """The schedule as Python floats: step coefficients are computed in double precision."""
     return [float(s) for s in sigmas]
 
 
-def denoise(model, x: Tensor, sigma: float, afs: bool = False) -> Tensor:
+def denoise(model: Denoiser, x: Tensor, sigma: float, afs: bool = False) -> Tensor:
     """D(x, sigma); with AFS, the analytical first step of Zhou et al. (2024, AMED):
     d = x / sqrt(1 + sigma^2), i.e. D = x - sigma d, and no network call. Samplers pass
     `afs is True` on their first step: an undecided afs="auto" (no planner) means no AFS."""
@@ -44,11 +47,11 @@ def report(
 
 
 def raise_noise(
-    model,
+    model: Denoiser,
     x: Tensor,
     sigma: float,
     n: int,
-    noise,
+    noise: NoiseFn | None,
     churn: float = 0.0,
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
@@ -134,7 +137,7 @@ def sample_euler_ancestral(
 
 
 def dpm_solver_step(
-    model,
+    model: Denoiser,
     x: Tensor,
     sigma_s: float,
     sigma_t: float,
