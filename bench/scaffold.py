@@ -83,9 +83,8 @@ NFE and stops a sampler that spends more than its plan.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from bench import Plan
+from torch import Tensor
 
 
 def plan(nfe: int, options) -> Plan:
@@ -110,7 +109,6 @@ TESTS = '''\
 """The sampler-bench conformance suite on every sampler $dist registers."""
 
 import pytest
-
 from bench.testing import check_sampler, samplers_of
 
 
