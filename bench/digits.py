@@ -391,15 +391,19 @@ def cmd_train_digits(registry, args) -> int:
     return 0
 
 
+DEFAULT_METRICS = ("fid-digits", "kid-digits")
+
 SOURCES = [
     ModelSource(
         "digits",
         load_digits,
         "UNet trained on scikit-learn's 8x8 digits, EDM preconditioning, shipped weights (digits[:PATH])",
+        default_metrics=DEFAULT_METRICS,
     ),
     ModelSource(
         "digits-optimal",
         load_digits_optimal,
         "exact optimal denoiser of the 1797 digits (softmax-weighted average of the images)",
+        default_metrics=DEFAULT_METRICS,
     ),
 ]
