@@ -1,0 +1,13 @@
+"""Test-wide settings for the host's and every plugin's tests.
+
+The tests run tiny tensors, where a second OpenMP thread gains nothing and, on a busy
+2-core machine, spin-waits cost 10-100x. One thread here and in every subprocess.
+"""
+
+import os
+
+import torch
+
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
