@@ -5,8 +5,9 @@
 For each (sampler, budget) it evaluates a grid of (rho_bottom, rho_top) with the
 runner itself (`bench run` with `--modifiers skip-tuning:rho_bottom=..:rho_top=..`, so
 the search measures exactly what a run measures), on a few hundred samples, with a cheap
-metric (the model's first default metric unless `--metric`), then refines the grid
-around the best point. Samples are drawn from `--seed` (default 100000), far from the
+metric (the model's first default metric unless `--metric`), then runs a compass search
+from the best grid point (it may leave the grid) down to a step 1/2^refine of the grid's.
+Samples are drawn from `--seed` (default 100000), far from the
 seeds evaluation runs use, so the chosen factors are judged on samples they were not
 chosen on. The best factors are stored with the model (and a fingerprint of its
 weights), sampler, schedule and budget, and the metric with and without them.
@@ -35,6 +36,7 @@ from . import __version__, tuned
 from .modifier import layout_of
 
 DEFAULT_MODEL = "digits"
+MAX_MOVES = 12  # compass-search moves per (sampler, budget)
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
@@ -65,9 +67,7 @@ def add_command(subparsers) -> None:
         default="0.85,1.0,1.15",
         help="comma list of rho_top values of the coarse grid (default 0.85,1.0,1.15)",
     )
-    p.add_argument(
-        "--refine", type=int, default=2, help="refinement rounds around the best point (default 2)"
-    )
+    p.add_argument("--refine", type=int, default=3, help="step halvings of the compass search (default 3)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
         "--out",
@@ -154,28 +154,36 @@ def neighbours(best: tuple[float, float], steps: tuple[float, float]) -> list[tu
 
 
 def grid_step(values: list[float]) -> float:
-    """Half the smallest gap of a coarse grid (0.05 for a single value)."""
+    """The smallest gap of a coarse grid (0.1 for a single value)."""
     gaps = [b - a for a, b in zip(values, values[1:], strict=False)]
-    return min(gaps) / 2 if gaps else 0.05
+    return min(gaps) if gaps else 0.1
 
 
 def search(
     registry: Registry, args, sampler: Spec, schedule: Spec | None, nfe: int, metric: str, work: Path
 ) -> tuple[tuple[float, float], dict[Any, tuple[float, bool]]]:
-    """(best rho, every score): a coarse grid, then `args.refine` rounds of a 3x3 grid at
-    half the step around the best so far."""
+    """(best rho, every score): a coarse grid, then a compass search from its best point:
+    the 3x3 neighbours at the current step; move while a neighbour is better (so the search
+    can leave the grid), else halve the step, `args.refine` times."""
     bottoms, tops = parse_values(args.rho_bottom, "--rho-bottom"), parse_values(args.rho_top, "--rho-top")
     scores = evaluate(registry, args, sampler, schedule, nfe, metric, [None, *product(bottoms, tops)], work)
     sign = -1 if scores[None][1] else 1  # minimise sign * value
-    steps = (grid_step(bottoms), grid_step(tops))
-    for _ in range(args.refine):
-        best = min((p for p in scores if p is not None), key=lambda p: sign * scores[p][0])
-        fresh = [p for p in neighbours(best, steps) if p not in scores]
+
+    def best_so_far() -> tuple[float, float]:
+        return min((p for p in scores if p is not None), key=lambda p: sign * scores[p][0])
+
+    # Compass search: at most MAX_MOVES moves in all
+    steps, halvings, moves = (grid_step(bottoms), grid_step(tops)), 0, 0
+    while halvings < args.refine and moves < MAX_MOVES:
+        centre = best_so_far()
+        fresh = [p for p in neighbours(centre, steps) if p not in scores]
         if fresh:
             scores.update(evaluate(registry, args, sampler, schedule, nfe, metric, fresh, work))
-        steps = (steps[0] / 2, steps[1] / 2)
-    best = min((p for p in scores if p is not None), key=lambda p: sign * scores[p][0])
-    return best, scores
+        if best_so_far() == centre:
+            steps, halvings = (steps[0] / 2, steps[1] / 2), halvings + 1
+        else:
+            moves += 1
+    return best_so_far(), scores
 
 
 def command_line(args: argparse.Namespace) -> str:
