@@ -8,8 +8,12 @@ student's is polynomial with rho = 7, and is read at the student's sigmas. Askin
 number of teacher steps over the whole schedule keeps the teacher equally accurate at
 every budget. For interval i the student takes one AMED interval and the loss is
 || x_student(sigma_{i+1}) - x_teacher(sigma_{i+1}) ||^2 (summed over pixels, mean over the
-batch); Adam takes one step per interval. Single-step bases start each interval from the
-teacher's point; multistep bases (iPNDM, DPM-Solver++) chain their own outputs and history.
+batch). The paper takes an Adam step per interval, cutting the graph between intervals
+("step"); single-step bases start each interval from the teacher's point, multistep bases
+(iPNDM, DPM-Solver++) chain their own outputs and history. For multistep bases the
+default is one step per batch on the summed losses with the graph kept along the chain
+("trajectory"): fitted per interval, an early interval buys its own loss with a history
+that costs the later ones more (the README has the measurements).
 Deterministic given `seed`: the predictor's initialisation and the fit's noise come from it.
 """
 
@@ -29,6 +33,7 @@ from .predictor import AMEDPredictor, PredictorConfig, bottleneck_summary
 from .solvers import amed_interval
 
 TEACHERS = {"heun": sample_heun, "euler": sample_euler}
+LOSSES = ("auto", "step", "trajectory")
 RHO = 7.0  # the teacher's grid refines the schedule in sigma^(1/RHO)
 
 
@@ -42,11 +47,14 @@ class FitOptions:
     batch: int = 25
     epochs: int = 2  # passes over the teacher trajectories
     seed: int = 20240601  # apart from run seeds, so the fit never sees a run's noise
+    loss: str = "auto"  # step (the paper's), trajectory, or auto: trajectory for multistep bases
     lr: float = 1e-2  # Adam (the paper: 5e-3 on 10k trajectories; fewer here, so larger)
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHERS:
             raise UsageError(f"unknown AMED teacher '{self.teacher}'; use {' or '.join(TEACHERS)}")
+        if self.loss not in LOSSES:
+            raise UsageError(f"unknown AMED fit_loss '{self.loss}'; use {', '.join(LOSSES)}")
         if min(self.teacher_steps, self.samples, self.batch, self.epochs) < 1 or not self.lr > 0:
             raise UsageError(
                 "AMED teacher_steps, fit_samples, fit_batch and fit_epochs must be >= 1, fit_lr > 0"
@@ -104,6 +112,7 @@ def fit_predictor(
     """Fit a predictor for `base` on the schedule `sigmas`; returns it and the fit's statistics."""
     start = time.perf_counter()
     device, intervals = sigmas.device, len(sigmas) - 1
+    trajectory = options.loss == "trajectory" or (options.loss == "auto" and base.multistep)
     # A deterministic initialisation and noise stream, both from the seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
@@ -122,7 +131,7 @@ def fit_predictor(
                 with torch.no_grad():
                     targets.append(teacher_points(model, x_T, sigmas, options))
             # One optimizer step per interval, in order
-            losses[epoch, b] = fit_batch(model, sigmas, base, predictor, opt, targets[b], afs)
+            losses[epoch, b] = fit_batch(model, sigmas, base, predictor, opt, targets[b], afs, trajectory)
             if progress is not None:
                 progress(epoch * len(sizes) + b + 1, options.epochs * len(sizes))
     predictor.eval().requires_grad_(False)
@@ -134,29 +143,44 @@ def fit_predictor(
     return predictor, stats
 
 
-def fit_batch(model, sigmas, base, predictor, opt, target: list[Tensor], afs: bool) -> Tensor:
-    """One pass over the intervals for a batch of teacher trajectories: a step per interval.
+def fit_batch(
+    model, sigmas, base, predictor, opt, target: list[Tensor], afs: bool, trajectory: bool
+) -> Tensor:
+    """One pass over the intervals for a batch of teacher trajectories; returns each
+    interval's loss. Single-step bases start each interval from the teacher's point,
+    multistep bases from their own output, with their own history.
 
-    Single-step bases start each interval from the teacher's point; multistep bases chain
-    their own (detached) outputs and history. Returns the loss of each interval."""
+    - step (the paper): an Adam step per interval, the graph cut between intervals;
+    - trajectory: one Adam step per batch on the sum of the interval losses, the graph
+      kept along the student's chained solve, so that a multistep base's early intervals
+      answer for the history they leave to the later ones.
+    """
     params = list(predictor.parameters())
     hist = base.history(len(sigmas) - 1)
     losses = torch.zeros(len(sigmas) - 1, dtype=torch.float64)
-    x = target[0]
+    x, total = target[0], 0.0
     for i in range(len(sigmas) - 1):
-        x_cur = x.detach() if base.multistep else target[i]
-        hist.detach()
+        x_cur = (x if trajectory else x.detach()) if base.multistep else target[i]
+        if not trajectory:
+            hist.detach()
         # The student's interval and its squared distance to the teacher (summed over pixels)
         with torch.enable_grad():
-            x_next = amed_interval(
-                model, x_cur, sigmas[i], sigmas[i + 1], base, predictor, hist, afs and i == 0
-            )
-            loss = (x_next.float() - target[i + 1].float()).pow(2).flatten(1).sum(1).mean()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        # Adam on the predictor alone; a non-finite gradient entry is clamped, as in the paper's code
-        for p, g in zip(params, grads, strict=True):
-            p.grad = None if g is None else torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5)
-        opt.step()
+            x = amed_interval(model, x_cur, sigmas[i], sigmas[i + 1], base, predictor, hist, afs and i == 0)
+            loss = (x.float() - target[i + 1].float()).pow(2).flatten(1).sum(1).mean()
         losses[i] = float(loss.detach())
-        x = x_next
+        if trajectory:
+            total = total + loss
+        else:
+            adam_step(opt, params, loss)
+    if trajectory:
+        adam_step(opt, params, total)
     return losses
+
+
+def adam_step(opt, params: list[Tensor], loss: Tensor) -> None:
+    """Adam on the predictor alone (the network gets no gradient); a non-finite gradient
+    entry is clamped, as in the paper's code."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = None if g is None else torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5)
+    opt.step()

@@ -29,6 +29,7 @@ FIT_OPTIONS = {
     "epochs": "fit_epochs",
     "seed": "fit_seed",
     "lr": "fit_lr",
+    "loss": "fit_loss",
 }
 
 

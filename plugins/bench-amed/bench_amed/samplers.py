@@ -21,6 +21,7 @@ COMMON = {
     "fit_batch": 25,
     "fit_epochs": 2,
     "fit_lr": 1e-2,
+    "fit_loss": "auto",  # step (the paper's), trajectory, or auto (trajectory for multistep bases)
     "fit_seed": 20240601,
     "scale_dir": 0.01,
     "scale_time": 0.2,
@@ -66,7 +67,7 @@ SAMPLERS = [
         "amed-plugin-ipndm",
         "ipndm",
         "AMED-Plugin on iPNDM: learned intermediate point, Adams-Bashforth update twice",
-        max_order=4,
+        max_order=3,
     ),
     amed_sampler(
         "amed-plugin-dpm++2m",
