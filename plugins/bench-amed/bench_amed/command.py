@@ -83,7 +83,7 @@ def cmd_fit(registry, args: argparse.Namespace) -> int:
     jobs = [(s, o, n) for s, o in amed_samplers(registry, args.samplers) for n in parse_nfe(args.nfe)]
     table = Table(title=f"AMED predictors for {spec}", title_justify="left")
     for col in ("sampler", "NFE", "predictor", "source", "fit NFE", "fit s", "file"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

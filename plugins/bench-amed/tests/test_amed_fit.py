@@ -10,7 +10,8 @@ import pytest
 import torch
 from bench_amed import cache as amed_cache
 from bench_amed.predictor import AMEDPredictor, bottleneck_summary
-from bench_amed.prepare import prepare
+from bench_amed.prepare import prepare, settings
+from bench_amed.samplers import BASES
 from bench_classic.schedules import karras
 from safetensors.torch import load_file
 
@@ -235,3 +236,19 @@ def test_bottleneck_predictor_on_a_unet_that_exposes_its_bottleneck(registry, tm
     r, c, a = predictor(bottleneck_summary(feature), torch.tensor(9.7), torch.tensor(0.47))
     assert r.shape == (6, 1, 1, 1) and float(r.std()) > 0
     assert bool(((c >= 0.99) & (c <= 1.01)).all()) and bool(((a >= 0.8) & (a <= 1.2)).all())
+
+
+def test_committed_predictors_serve_the_shipped_digits_model(registry):
+    """The package's predictors match the shipped digits weights at the default budgets, so
+    the default run fits nothing. If the weights change, rerun the README's `bench fit`."""
+    model = load_model(registry, "digits", torch.device("cpu"))
+    for name in ("amed-solver", "amed-plugin-euler", "amed-plugin-ipndm", "amed-plugin-dpm++2m"):
+        sampler = registry.get("samplers", name)
+        for nfe in (5, 10, 20):
+            plan = sampler.plan(nfe, dict(sampler.options))
+            options = {**sampler.options, **plan.options}
+            sigmas = karras(plan.steps, model.sigma_min, model.sigma_max, to_zero=plan.to_zero)
+            key, *_ = settings(model, sigmas, name, BASES[name], options)
+            predictor, status = amed_cache.load(amed_cache.PACKAGED / amed_cache.entry_name(key), key)
+            assert status == "ok", f"{name} at NFE {nfe}: committed predictor {status}"
+            assert predictor.uses_bottleneck
