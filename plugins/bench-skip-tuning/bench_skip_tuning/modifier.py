@@ -94,7 +94,7 @@ def apply(
         source = "given"
     factors = skip_factors(layout.count, rho_bottom, rho_top)
     applied = (
-        f"skip-tuning:rho_bottom={rho_bottom:.4g}:rho_top={rho_top:.4g} "
+        f"skip-tuning:rho_bottom={rho_bottom:g}:rho_top={rho_top:g} "
         f"({layout.count} skips of the {layout.kind}; {source})"
     )
     return SkipTuned(denoiser, layout, factors, applied)
