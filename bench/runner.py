@@ -15,6 +15,7 @@ import platform
 import subprocess
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -399,11 +400,12 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
     world.on_main(lambda: states.update({n: registry.get("metrics", n).create(ctx) for n in metric_names}))
     tally = Tally(grid=config.run_dir() / GRIDS / f"{cell.id}.png")
     sample_options = {**options, **plan.options, **prepared}
+    draws = {"ahead": plan.steps if sampler.stochastic else 0}  # noise draws a batch takes, learnt
     batches = list(enumerate(_batches(config.num_samples, config.batch_size)))
     for k, mine in enumerate(world.deal(batches)):
         # Each rank samples its batch of the round (a round is one batch in one process)
         parts = world.collect(partial(_sample, sampler, model, counted, sigmas, mine, config.seed,
-                                      device, sample_options, world.size > 1))
+                                      device, sample_options, world.size > 1, draws))
         world.on_main(partial(tally.feed, parts, states, device, float(sigmas[0])))
         if on_batch:
             on_batch(cell.id, min(len(batches), (k + 1) * world.size), len(batches))
@@ -470,20 +472,23 @@ class Sampled:
     model_s: float
 
 
-def _sample(sampler, model, counted, sigmas, batch, seed, device, options, portable) -> Sampled | None:
+def _sample(sampler, model, counted, sigmas, batch, seed, device, options, portable,
+            draws) -> Sampled | None:
     """One batch from its per-sample noise, timing the whole solve and the model inside it."""
     if batch is None:
         return None  # this rank has no batch in the last round
     b, indices = batch
     noise = SampleNoise(seed, indices, tuple(model.shape), device)
     eps = noise()
+    stream = NoiseAhead(noise, draws["ahead"], eps)
     counted.reset()
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        x0 = sampler.sample(model, eps * sigmas[0], sigmas, noise=noise, **options)
+        x0 = sampler.sample(model, eps * sigmas[0], sigmas, noise=stream, **options)
     synchronize(device)
     wall = time.perf_counter() - start
+    draws["ahead"] = stream.draws
     # Reject non-finite samples
     bad = int((~torch.isfinite(x0.reshape(len(x0), -1))).any(1).sum())
     if bad:
@@ -492,6 +497,24 @@ def _sample(sampler, model, counted, sigmas, batch, seed, device, options, porta
     if portable:  # sent to rank 0 through the CPU
         x0, eps = x0.cpu(), eps.cpu()
     return Sampled(x0, eps, indices, counted.nfe, counted.extra, counted.extra_cost, wall, counted.model_s)
+
+
+class NoiseAhead:
+    """A batch's noise stream with its next `n` draws made before the solve is timed: the
+    same numbers, without the per-sample generators' cost (a CPU call per sample per draw)
+    in the sampler's wall-clock. Draws past them are made when asked; at most
+    AHEAD_BYTES are held."""
+
+    def __init__(self, noise: SampleNoise, n: int, like: torch.Tensor) -> None:
+        n = min(n, AHEAD_BYTES // max(1, like.numel() * like.element_size()))
+        self.noise, self.ahead, self.draws = noise, deque(noise() for _ in range(n)), 0
+
+    def __call__(self) -> torch.Tensor:
+        self.draws += 1
+        return self.ahead.popleft() if self.ahead else self.noise()
+
+
+AHEAD_BYTES = 1 << 30
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.cli import DEFAULT_MODEL, split_specs
+from bench.contracts import resolve_options
 from bench.errors import Infeasible
 from bench.plugins import Registry, load_registry
 from bench.runner import Method, RunConfig, Spec, run
@@ -44,12 +45,14 @@ class Row:
     reason: str | None = None
 
 
-def budget(registry: Registry, name: str, nfe: int) -> int:
-    """`nfe`, or the sampler's next feasible budget (heun spends odd budgets only)."""
-    sampler = registry.get("samplers", name)
+def budget(registry: Registry, text: str, nfe: int) -> int:
+    """`nfe`, or the sampler's next feasible budget (`text` is name[:key=value...])."""
+    spec = Spec.parse(text)
+    sampler = registry.get("samplers", spec.name)
+    options = resolve_options("sampler", spec.name, sampler.options, dict(spec.options))
     for candidate in range(nfe, nfe + 4):
         try:
-            sampler.plan(candidate, dict(sampler.options))
+            sampler.plan(candidate, options)
             return candidate
         except Infeasible:
             continue
@@ -79,7 +82,7 @@ def measure(
             # One run per budget; num_samples a multiple of the batch, so every batch is alike
             config = RunConfig(
                 models=[model],
-                methods=[Method(Spec(s)) for s in group],
+                methods=[Method(Spec.parse(s)) for s in group],
                 nfe=[n],
                 num_samples=num_samples,
                 batch_size=batch_size,

@@ -64,3 +64,18 @@ def test_throughput_model_is_the_ddpm_cifar10_unet_with_random_weights():
     # The seed picks the random network
     other = load_model(registry, "throughput-ddpm-cifar10:1", torch.device("cpu"))
     assert not torch.equal(model.net.conv_in.weight, other.net.conv_in.weight)
+
+
+def test_noise_drawn_ahead_is_the_same_stream():
+    """The runner draws a stochastic sampler's noise before timing it: same numbers, in order."""
+    from bench.runner import NoiseAhead
+    from bench.seeding import SampleNoise
+
+    lazy = SampleNoise(3, range(5), (1, 4, 4), "cpu")
+    fresh = SampleNoise(3, range(5), (1, 4, 4), "cpu")
+    eps = fresh()
+    ahead = NoiseAhead(fresh, 2, eps)  # two draws made now, the rest when asked
+    assert torch.equal(lazy(), eps)
+    for _ in range(4):
+        assert torch.equal(lazy(), ahead())
+    assert ahead.draws == 4
