@@ -24,6 +24,9 @@ has a closed-form solution:
   (at a measured order, if one is given); a stochastic sampler's samples match the exact
   data moments at a large budget.
 
+`check_schedule` holds a schedule to n + 1 decreasing sigmas between the model's ends;
+`check_modifier` holds a modifier to the NFE counter, repeatability, batch-size invariance
+and neutral options that change nothing, on a real network (`random_unet` needs no weights).
 A failure is an AssertionError that says which check broke, for which budget, and how.
 """
 
