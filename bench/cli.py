@@ -34,7 +34,7 @@ from .runner import Method, RunConfig, Spec, parse_nfe, run
 from .scaffold import add_plugin_command
 from .store import Run
 
-DEFAULT_MODEL = "mixture"
+DEFAULT_MODEL = "digits"  # the embedded UNet (MODEL_CARD.md)
 DEFAULT_REPORTERS = "console,csv,markdown,html"
 # `bench run` options a baseline does not store (it stores the rest, for `bench check` to rerun)
 NOT_STORED = ("command", "func", "out", "quiet", "report")
@@ -251,7 +251,8 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
                    help="comma list of schedules name[:key=value]; 'default' is each sampler's own")
     p.add_argument("--modifiers", default="none",
                    help="comma list of variants, each 'none' or mod[:k=v]+mod...; e.g. none,skip-tuning")
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--num-samples", type=int, default=1797,
+                   help="samples per cell (default 1797, as many as the digits reference set)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

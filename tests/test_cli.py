@@ -49,7 +49,7 @@ def bench(*args, cwd=None):
 def test_run_end_to_end(tmp_path):
     out = tmp_path / "run"
     proc = bench("run", "--samplers", "euler,heun:afs=false", "--nfe", "3,4", "--num-samples", "30",
-                 "--batch-size", "16", "--metrics", "fd", "--out", str(out), "--quiet")
+                 "--batch-size", "16", "--model", "mixture", "--metrics", "fd", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     for name in ("config.json", "results.jsonl", "results.csv", "report.md"):
         assert (out / name).exists(), name
@@ -66,7 +66,7 @@ def test_run_end_to_end(tmp_path):
     assert "heun:afs=false" in (out / "report.md").read_text()
     # The same command again resumes: nothing reruns
     again = bench("run", "--samplers", "euler,heun:afs=false", "--nfe", "3,4", "--num-samples", "30",
-                  "--batch-size", "16", "--metrics", "fd", "--out", str(out), "--quiet")
+                  "--batch-size", "16", "--model", "mixture", "--metrics", "fd", "--out", str(out), "--quiet")
     assert again.returncode == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
     # report re-renders from the stored results
@@ -99,7 +99,7 @@ def test_failing_samplers_fail_their_cells_and_the_run_goes_on(plugin_site, tmp_
     plugin_site("bench-faulty", FAULTY)
     out = tmp_path / "run"
     proc = bench("run", "--samplers", "explode,nan,greedy,euler", "--nfe", "3", "--num-samples", "8",
-                 "--metrics", "fd", "--out", str(out), "--quiet")
+                 "--model", "mixture", "--metrics", "fd", "--out", str(out), "--quiet")
     assert proc.returncode == 1
     assert "3 of 4 cells failed" in proc.stderr
     records = {json.loads(line)["sampler"]: json.loads(line) for line in (out / "results.jsonl").open()}

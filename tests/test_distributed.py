@@ -57,7 +57,7 @@ def register_samplers(register):
 """
 
 # 20 samples in batches of 7: three batches, so the last round has a batch for rank 0 only
-SIZE = ["--nfe", "3,5", "--num-samples", "20", "--batch-size", "7", "--metrics", "fd"]
+SIZE = ["--model", "mixture", "--nfe", "3,5", "--num-samples", "20", "--batch-size", "7", "--metrics", "fd"]
 SAMPLERS = ["euler", "ddim:eta=1.0"]  # deterministic, and stochastic with per-step noise
 
 
