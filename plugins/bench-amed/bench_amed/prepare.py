@@ -8,6 +8,7 @@ denoiser outside the budget, and records its calls and seconds as the fit cost
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -78,17 +79,23 @@ def prepare(
     out: Path | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """The predictor for this cell: packaged, cached or freshly fitted (then cached)."""
+    """The predictor for this cell: packaged, cached or freshly fitted (then cached).
+
+    `force` refits whatever exists; `out` is where a fit is written (default the cache), and
+    a valid predictor found elsewhere is copied there too.
+    """
     key, config, fit_options, kind = settings(denoiser, sigmas, name, base, options)
     entry = cache.entry_name(key)
     result = {"predictor_kind": kind, "predictor_file": entry}
     # Look up the packaged predictors, then the user cache; anything unfit is refitted
     notes = []
-    for source, directory in (("packaged", cache.PACKAGED), ("cache", cache.cache_dir())):
-        if force:
-            break
+    lookups = () if force else (("packaged", cache.PACKAGED), ("cache", cache.cache_dir()))
+    for source, directory in lookups:
         predictor, status = cache.load(directory / entry, key)
         if predictor is not None:
+            if out is not None and Path(out).resolve() != directory.resolve():
+                Path(out).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(directory / entry, Path(out) / entry)
             return {**result, "fitted_predictor": predictor, "predictor_source": source}
         if status != "missing":
             notes.append(f"{source} entry {status}")
