@@ -8,7 +8,8 @@ DDPM-style networks on integer timesteps with alphas_cumprod (eps, v or x0 predi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,7 +68,8 @@ class Preconditioned(Denoiser):
         return math.sqrt(math.exp(0.5 * self.beta_d * t**2 + self.beta_min * t) - 1)
 
     def vp_sigma_inv(self, sigma: Tensor) -> Tensor:
-        return ((self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt() - self.beta_min) / self.beta_d
+        root = (self.beta_min**2 + 2 * self.beta_d * torch.log1p(sigma**2)).sqrt()
+        return (root - self.beta_min) / self.beta_d
 
     def forward(self, x: Tensor, sigma: Tensor, return_bottleneck: bool = False, **cond: Any):
         if not return_bottleneck:

@@ -9,8 +9,9 @@ down a schedule of sigmas. Plugins register the dataclasses below through the ho
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor

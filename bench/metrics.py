@@ -6,7 +6,7 @@ Each metric keeps running sums only, so memory stays flat whatever the sample co
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

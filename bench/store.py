@@ -97,7 +97,7 @@ class Run:
     records: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def open(cls, directory: str | Path) -> "Run":
+    def open(cls, directory: str | Path) -> Run:
         d = Path(directory)
         if not (d / RESULTS).exists():
             raise UsageError(f"'{d}' holds no {RESULTS}; give the directory of a run")

@@ -34,9 +34,10 @@ def test_third_party_sampler_is_discovered(plugin_site):
 
 
 def test_broken_plugins_are_reported_and_the_rest_work(plugin_site):
+    hook = "import bench\n@bench.hookimpl\ndef {name}(register):\n    {body}\n"
     plugin_site("bench-broken-import", "import does_not_exist_anywhere\n")
-    plugin_site("bench-misspelled", "import bench\n@bench.hookimpl\ndef register_sampler(register):\n    pass\n")
-    plugin_site("bench-raises", "import bench\n@bench.hookimpl\ndef register_samplers(register):\n    1 / 0\n")
+    plugin_site("bench-misspelled", hook.format(name="register_sampler", body="pass"))
+    plugin_site("bench-raises", hook.format(name="register_samplers", body="1 / 0"))
     plugin_site("bench-fine", GOOD.format(name="fine-euler"))
     registry = load_registry()
     errors = {p.dist: p.error for p in registry.plugins}
@@ -58,7 +59,10 @@ def test_name_clash_names_both_distributions(plugin_site):
 
 
 def test_wrong_type_is_rejected(plugin_site):
-    plugin_site("bench-wrongtype", "import bench\n@bench.hookimpl\ndef register_samplers(register):\n    register('euler')\n")
+    plugin_site(
+        "bench-wrongtype",
+        "import bench\n@bench.hookimpl\ndef register_samplers(register):\n    register('euler')\n",
+    )
     with pytest.raises(PluginError, match="expected bench.Sampler"):
         load_registry()
 

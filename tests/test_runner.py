@@ -80,7 +80,7 @@ def test_results_do_not_depend_on_batch_size(registry, tmp_path):
         cfg = config(tmp_path / str(bs), ["euler", "ddim:eta=1.0"], [5], batch_size=bs,
                      num_samples=20, metrics=["fd", "rmse"])
         records.append(run(registry, cfg)[1])
-    for a, b in zip(*records):
+    for a, b in zip(*records, strict=True):
         assert a["status"] == b["status"] == "ok"
         for name, value in a["metrics"].items():
             # equal up to float32 rounding (BLAS may block products by batch size)
