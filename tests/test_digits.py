@@ -133,7 +133,8 @@ def test_training_command_is_deterministic(tmp_path, capsys):
 def test_training_command_rejects_bad_input(tmp_path, capsys):
     assert main(["train-digits", "--out", str(tmp_path / "x"), "--channels", "8,x"]) == 2
     assert "--channels" in capsys.readouterr().err
-    assert main(["run", "--model", f"digits:{tmp_path / 'missing.safetensors'}", "--quiet"]) == 1
+    missing = f"digits:{tmp_path / 'missing.safetensors'}"
+    assert main(["run", "--model", missing, "--out", str(tmp_path / "run"), "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train-digits" in err
 
