@@ -1,18 +1,19 @@
 """The embedded pretrained models: a small UNet trained on scikit-learn's digits, and the
-exact optimal denoiser of the same training set.
+exact optimal denoiser of the same training set (MODEL_CARD.md).
 
-Data: the 1797 handwritten digits of `sklearn.datasets.load_digits` (8x8, grey levels
-0..16), scaled to [-1, 1] as x = v / 8 - 1.
+Data: all 1797 digits of `bench.digits_classifier.digits` (8x8, grey levels 0..16 scaled
+to [-1, 1] as v / 8 - 1), the images the digits feature space's reference statistics
+come from.
 
 UNet: an encoder-decoder whose decoder blocks concatenate named encoder skips; it is
 fully convolutional (any H, W divisible by 4) and returns its bottleneck feature on
 request. It is trained with the EDM loss (Karras et al. 2022, "Elucidating the Design
 Space of Diffusion-Based Generative Models", section 5 and Table 1) and wrapped with EDM
-preconditioning by `bench.adapters.Preconditioned`. The optimal denoiser of a finite
-training set {y_i} is D(x, sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i
-(a mixture of zero-variance Gaussians, `bench.models.GaussianMixture`).
-The data are the digits of `bench.digits_classifier.digits` (all 1797, in [-1, 1]), the
-same images the digits feature space's reference statistics are computed from.
+preconditioning by `bench.adapters.Preconditioned`.
+
+Optimal denoiser: for a finite training set {y_i},
+D(x, sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i, a mixture of
+zero-variance Gaussians (`bench.models.GaussianMixture`).
 """
 
 from __future__ import annotations
@@ -317,6 +318,8 @@ def load_digits_optimal(arg: str | None = None, device=None, **_) -> OptimalDeno
     """Model source `digits-optimal`: the exact denoiser of the 1797 digits."""
     from .digits_classifier import digits
 
+    if arg:
+        raise UsageError(f"model 'digits-optimal' takes no argument; got '{arg}'")
     return OptimalDenoiser(digits()[0], "digits-optimal")
 
 

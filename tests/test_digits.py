@@ -137,6 +137,8 @@ def test_training_command_rejects_bad_input(tmp_path, capsys):
     assert main(["run", "--model", missing, "--out", str(tmp_path / "run"), "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train-digits" in err
+    assert main(["run", "--model", "digits-optimal:x", "--out", str(tmp_path / "run2"), "--quiet"]) == 2
+    assert "takes no argument" in capsys.readouterr().err
 
 
 def test_optimal_denoiser_is_the_softmax_average_of_the_digits(registry, images):
