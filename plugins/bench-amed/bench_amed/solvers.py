@@ -236,6 +236,12 @@ def sample_amed(
     solver = make_base(base, options)
     hist = solver.history(len(sigmas) - 1)
     predictor = fitted_predictor.to(x.device) if fitted_predictor is not None else None
+    if predictor is not None and predictor.uses_bottleneck and not getattr(model, "has_bottleneck", False):
+        # A modifier may hide the bottleneck (or change the resolution): fail this cell alone
+        raise RuntimeError(
+            "the AMED predictor reads the UNet bottleneck, which the model as modified does not "
+            "expose; use the sampler option predictor=sigma-only"
+        )
     for i in range(len(sigmas) - 1):
         # One interval: two calls, the first replaced by AFS on the first interval when asked
         x = amed_interval(model, x, sigmas[i], sigmas[i + 1], solver, predictor, hist, afs and i == 0)

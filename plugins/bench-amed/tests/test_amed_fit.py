@@ -12,6 +12,7 @@ from bench_amed import cache as amed_cache
 from bench_amed.predictor import AMEDPredictor, bottleneck_summary
 from bench_amed.prepare import prepare, settings
 from bench_amed.samplers import BASES
+from bench_amed.solvers import sample_amed
 from bench_classic.schedules import karras
 from safetensors.torch import load_file
 
@@ -236,6 +237,10 @@ def test_bottleneck_predictor_on_a_unet_that_exposes_its_bottleneck(registry, tm
     r, c, a = predictor(bottleneck_summary(feature), torch.tensor(9.7), torch.tensor(0.47))
     assert r.shape == (6, 1, 1, 1) and float(r.std()) > 0
     assert bool(((c >= 0.99) & (c <= 1.01)).all()) and bool(((a >= 0.8) & (a <= 1.2)).all())
+    # A model that hides its bottleneck (e.g. behind a modifier) fails the cell, saying what to do
+    sigmas = karras(3, 0.002, 80.0, to_zero=False)
+    with pytest.raises(RuntimeError, match="predictor=sigma-only"):
+        sample_amed(mixture(), x, sigmas, base="ipndm", fitted_predictor=predictor)
 
 
 def test_committed_predictors_serve_the_shipped_digits_model(registry):
