@@ -1,8 +1,8 @@
 """Fit cost: each AMED sampler's fit on the embedded digits UNet at the default budgets.
 
 A fit is what `bench run` does on first use: the default options, the predictor reading the
-UNet's bottleneck, the teacher on the finer grid. Each is timed once, with torch on one
-thread (on a shared CPU, waits for a second thread's time slice make times erratic).
+UNet's bottleneck, the teacher on the finer grid. Each is timed once (the fit runs torch on
+one thread, see `bench_amed.fit.one_cpu_thread`).
 Target: under 5 minutes per budget on a 2-core CPU.
 
     pytest plugins/bench-amed/benchmarks --benchmark-only -s
@@ -29,17 +29,9 @@ def digits():
     return registry, load_model(registry, "digits", torch.device("cpu"))
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("nfe", [5, 10, 20])
 @pytest.mark.parametrize("name", list(BASES))
-def test_fit_cost(benchmark, digits, one_thread, name, nfe, tmp_path, monkeypatch):
+def test_fit_cost(benchmark, digits, name, nfe, tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
     registry, model = digits
     sampler = registry.get("samplers", name)
