@@ -103,8 +103,8 @@ Progress = Callable[[int, int], None]
 @contextmanager
 def one_cpu_thread(device: torch.device):
     """Torch on one thread while fitting on the CPU: the fit's tensors are small, a second
-    thread buys little on an idle CPU and costs ~10x on a shared one (7 s against 69 s for a
-    digits fit, load 4 on 2 cores), and the result does not depend on the core count."""
+    thread buys little on an idle CPU and costs several times over on a shared one, and the
+    result does not depend on the core count."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
