@@ -67,7 +67,7 @@ SAMPLERS = [
         "amed-plugin-ipndm",
         "ipndm",
         "AMED-Plugin on iPNDM: learned intermediate point, Adams-Bashforth update twice",
-        max_order=3,
+        max_order=2,
     ),
     amed_sampler(
         "amed-plugin-dpm++2m",

@@ -137,7 +137,7 @@ class IPNDMPlugin(PluginBase):
 
     multistep = True  # the fit chains the student's own outputs and history
 
-    def __init__(self, max_order: int = 3) -> None:
+    def __init__(self, max_order: int = 2) -> None:
         if not 1 <= max_order <= 4:
             raise UsageError(f"iPNDM max_order must be 1 to 4; got {max_order}")
         self.max_order, self.keep = max_order, max_order - 1
@@ -188,7 +188,7 @@ def make_base(name: str, options: dict[str, Any]):
     if name == "euler":
         return EulerPlugin()
     if name == "ipndm":
-        return IPNDMPlugin(int(options.get("max_order", 3)))
+        return IPNDMPlugin(int(options.get("max_order", 2)))
     if name == "dpm++2m":
         return DPMPP2MPlugin(bool(options.get("lower_order_final", True)))
     raise UsageError(f"unknown AMED base '{name}'; use amed, euler, ipndm or dpm++2m")
