@@ -97,12 +97,16 @@ class Plan:
 
     `to_zero` says whether the schedule's last sigma is 0 (EDM) or sigma_min
     (diff-sampler's convention); `options` are the sampler options the plan sets.
+    A sampler that fixes its own time steps (a diffusers scheduler's timesteps, say) sets
+    `sigmas(denoiser, device) -> Tensor` of steps + 1 decreasing values; the cell's
+    schedule is then not used and the record says so.
     """
 
     steps: int
     nfe: int
     to_zero: bool = True
     options: Mapping[str, Any] = field(default_factory=dict)
+    sigmas: Callable[..., Tensor] | None = None
 
 
 class NoiseFn(Protocol):
@@ -136,6 +140,7 @@ class Sampler:
     stochastic: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     prepare: Callable[..., Mapping[str, Any]] | None = None
+    aliases: tuple[str, ...] = ()  # other names that resolve to it (k-diffusion's, say)
 
 
 # --- Schedule -------------------------------------------------------------------------
@@ -157,6 +162,7 @@ class Schedule:
     sigmas: ScheduleFn
     description: str
     options: Mapping[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()  # other names that resolve to it (k-diffusion's, say)
 
 
 # --- Modifier -------------------------------------------------------------------------

@@ -38,8 +38,10 @@ class ModelLoadError(BenchError):
     """A model could not be loaded: missing file, untrusted pickle, offline with nothing cached."""
 
 
-def unknown(kind: str, name: str, known: list[str] | tuple[str, ...]) -> UsageError:
-    """`unknown sampler 'eulr' (closest: euler); known: ...` as a UsageError."""
+def unknown(kind: str, name: str, known: list[str] | tuple[str, ...],
+            aliases: dict[str, str] | None = None) -> UsageError:
+    """`unknown sampler 'eulr' (closest: euler); known: ...` as a UsageError; `aliases`
+    (alias -> name) are accepted names too."""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
     hint = f" (closest: {close[0]})" if close else ""
     listing = ", ".join(sorted(known)) or "none installed"

@@ -41,16 +41,22 @@ class Registry:
 
     def __init__(self) -> None:
         self.items: dict[str, dict[str, Any]] = {kind: {} for kind in PLUGIN_TYPES}
+        self.aliases: dict[str, dict[str, str]] = {kind: {} for kind in PLUGIN_TYPES}  # alias -> name
         self.owner: dict[tuple[str, str], PluginInfo] = {}
         self.plugins: list[PluginInfo] = []
         self.pm: pluggy.PluginManager | None = None
 
     def get(self, kind: str, name: str) -> Any:
-        """The item or a UsageError listing what exists and the closest match."""
+        """The item (by name or alias) or a UsageError listing what exists and the closest match."""
         table = self.items[kind]
+        name = self.aliases[kind].get(name, name)
         if name not in table:
-            raise unknown(kind.rstrip("s"), name, list(table))
+            raise unknown(kind.rstrip("s"), name, list(table), self.aliases[kind])
         return table[name]
+
+    def canonical(self, kind: str, name: str) -> str:
+        """The registered name an alias stands for (the name itself otherwise)."""
+        return self.aliases[kind].get(name, name)
 
     def names(self, kind: str) -> list[str]:
         return list(self.items[kind])
@@ -77,7 +83,16 @@ class Registry:
             raise PluginError(
                 f"{kind[:-1]} '{item.name}' is registered twice: by {first.dist} and by {info.dist}"
             )
+        for alias in getattr(item, "aliases", ()):
+            taken = alias in self.items[kind] or alias in self.aliases[kind]
+            if taken or not NAME_RE.match(alias.replace("_", "-")):
+                raise PluginError(f"{info.dist}: alias '{alias}' of {kind[:-1]} '{item.name}' is "
+                                  "invalid or taken")
+        if item.name in self.aliases[kind]:
+            raise PluginError(f"{kind[:-1]} '{item.name}' is already an alias of "
+                              f"'{self.aliases[kind][item.name]}'")
         self.items[kind][item.name] = item
+        self.aliases[kind].update(dict.fromkeys(getattr(item, "aliases", ()), item.name))
         self.owner[(kind, item.name)] = info
         info.registered.setdefault(kind, []).append(item.name)
 

@@ -418,11 +418,15 @@ def _measure(registry, config, cell, denoiser, metric_names, cache, device, samp
 
 def make_sigmas(schedule, options, plan, denoiser, device) -> torch.Tensor:
     """The schedule's sigmas for a plan, checked: plan.steps + 1 of them, decreasing."""
-    sigmas = schedule.sigmas(plan.steps, denoiser.sigma_min, denoiser.sigma_max, to_zero=plan.to_zero,
-                             denoiser=denoiser, device=device, **options)
+    if plan.sigmas is not None:  # the sampler's own time steps
+        sigmas, what = plan.sigmas(denoiser, device), "the sampler's own time steps"
+    else:
+        sigmas = schedule.sigmas(plan.steps, denoiser.sigma_min, denoiser.sigma_max, to_zero=plan.to_zero,
+                                 denoiser=denoiser, device=device, **options)
+        what = f"schedule '{schedule.name}'"
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
     if len(sigmas) != plan.steps + 1 or not bool((sigmas[:-1] > sigmas[1:]).all()):
-        raise PluginError(f"schedule '{schedule.name}' gave {len(sigmas)} sigmas for {plan.steps} "
+        raise PluginError(f"{what} gave {len(sigmas)} sigmas for {plan.steps} "
                           "steps or they do not decrease")
     return sigmas
 

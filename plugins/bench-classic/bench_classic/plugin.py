@@ -1,164 +1,23 @@
 """Registers bench-classic's samplers and schedules with sampler-bench.
 
-Defaults follow ALGORITHMS.md and the papers: each sampler runs at its recommended
-configuration and default schedule when the user names none (`--samplers all`).
+Import-light on purpose: `bench --help` loads every plugin module, so the catalog (and
+torch with it) is imported only when a hook asks for it.
 """
 
-from __future__ import annotations
-
-import math
-from functools import partial
-
-from bench import Sampler, Schedule, hookimpl
-
-from . import budgets, multistep, samplers, schedules
-
-# Options shared by the deterministic ODE solvers
-ODE = {"afs": "auto", "denoise_to_zero": True}
-CHURN = {"churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
-ONE = "NFE = steps - afs"
-TWO = "NFE = 2*steps - 1 - afs (the step to 0 costs 1; 2*steps - afs with denoise_to_zero=false)"
-
-SAMPLERS = [
-    Sampler(
-        "euler",
-        samplers.sample_euler,
-        budgets.plan_one,
-        ONE,
-        "Euler's method on the probability-flow ODE (Karras et al. 2022), optional EDM churn",
-        options={**ODE, **CHURN},
-    ),
-    Sampler(
-        "euler-ancestral",
-        samplers.sample_euler_ancestral,
-        budgets.plan_one,
-        "NFE = steps",
-        "Euler ancestral (k-diffusion): DDIM's stochastic step on the sigma axis, eta=1",
-        stochastic=True,
-        options={"eta": 1.0, "s_noise": 1.0, "denoise_to_zero": True},
-    ),
-    Sampler(
-        "ddim",
-        samplers.sample_euler_ancestral,
-        budgets.plan_one,
-        "NFE = steps",
-        "DDIM (Song et al. 2021); eta=0 deterministic (= Euler), eta>0 stochastic",
-        default_schedule="time-uniform",
-        options={"eta": 0.0, "denoise_to_zero": True},
-    ),
-    Sampler(
-        "heun",
-        samplers.sample_heun,
-        budgets.plan_two,
-        TWO,
-        "Heun's 2nd-order method, EDM Algorithm 1 (Karras et al. 2022); churn gives Algorithm 2",
-        options={**ODE, **CHURN},
-    ),
-    Sampler(
-        "dpm-solver-2",
-        partial(samplers.sample_dpm_solver, order=2),
-        budgets.plan_two,
-        TWO,
-        "DPM-Solver-2, singlestep, midpoint in log sigma (Lu et al. 2022)",
-        options=ODE,
-    ),
-    Sampler(
-        "dpm-solver-3",
-        partial(samplers.sample_dpm_solver, order=3),
-        budgets.plan_dpm_solver_3,
-        "NFE = sum of step orders (3,..,3 then 2/1, DPM-Solver-fast) + 1 for the step to 0 - afs",
-        "DPM-Solver-3, singlestep (Lu et al. 2022), DPM-Solver-fast's orders for any budget",
-        default_schedule="logsnr",
-        options=ODE,
-    ),
-    Sampler(
-        "dpm++2m",
-        partial(multistep.sample_dpmpp, order=2),
-        budgets.plan_one,
-        ONE,
-        "DPM-Solver++(2M), multistep, data prediction (Lu et al. 2022b)",
-        default_schedule="logsnr",
-        options={**ODE, "lower_order_final": True},
-    ),
-    Sampler(
-        "dpm++3m",
-        partial(multistep.sample_dpmpp, order=3),
-        budgets.plan_checked(d2=("reference", "taylor")),
-        ONE,
-        "DPM-Solver++(3M), multistep, data prediction (Lu et al. 2022b); d2=taylor makes the "
-        "third-order term exact for quadratics",
-        default_schedule="logsnr",
-        options={**ODE, "lower_order_final": True, "d2": "reference"},
-    ),
-    Sampler(
-        "dpm++2m-sde",
-        multistep.sample_dpmpp_2m_sde,
-        budgets.plan_checked(solver_type=("midpoint", "heun")),
-        "NFE = steps",
-        "DPM-Solver++(2M) SDE (Lu et al. 2022b; k-diffusion), fresh noise each step",
-        default_schedule="logsnr",
-        stochastic=True,
-        options={"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint", "denoise_to_zero": True},
-    ),
-    Sampler(
-        "unipc",
-        multistep.sample_unipc,
-        budgets.plan_unipc,
-        ONE,
-        "UniPC (Zhao et al. 2023): UniP predictor + UniC corrector; bh2 as diff-sampler runs it "
-        "(variant=auto: bh1 below 10 steps, diffusers' advice for unconditional models)",
-        default_schedule="logsnr",
-        options={"order": 3, "variant": "bh2", "lower_order_final": True, **ODE},
-    ),
-    Sampler(
-        "ipndm",
-        multistep.sample_ipndm,
-        budgets.plan_checked(order=(1, 2, 3, 4)),
-        ONE,
-        "iPNDM (Zhang & Chen 2023): Adams-Bashforth of order <= 4 on d, lower-order warm start",
-        options={"order": 4, **ODE},
-    ),
-    Sampler(
-        "deis",
-        multistep.sample_deis,
-        budgets.plan_checked(order=(1, 2, 3, 4), mode=("tab", "rhoab")),
-        ONE,
-        "DEIS (Zhang & Chen 2023): tAB (or rhoAB) exponential integrator, order 4 = tAB3",
-        default_schedule="time-uniform:rho=2",
-        options={"order": 4, "mode": "tab", **ODE},
-    ),
-]
-
-SCHEDULES = [
-    Schedule(
-        "karras", schedules.karras, "Karras et al. (2022) polynomial in sigma^(1/rho)", options={"rho": 7.0}
-    ),
-    Schedule(
-        "polynomial", schedules.karras, "the karras schedule under diff-sampler's name", options={"rho": 7.0}
-    ),
-    Schedule("logsnr", schedules.logsnr, "uniform in log sigma (log-SNR), as DPM-Solver steps"),
-    Schedule(
-        "time-uniform",
-        schedules.time_uniform,
-        "VP time-uniform: t^(1/rho) uniform in [eps_s, 1], VP sigma(t) fitted to the range",
-        options={"rho": 1.0, "eps_s": 1e-3},
-    ),
-    Schedule(
-        "discrete",
-        schedules.discrete,
-        "trained timesteps of a discrete-time model, diffusers' trailing/leading/linspace spacing",
-        options={"spacing": "trailing", "offset": 0},
-    ),
-]
+from bench import hookimpl
 
 
 @hookimpl
 def register_samplers(register):
+    from .catalog import SAMPLERS
+
     for sampler in SAMPLERS:
         register(sampler)
 
 
 @hookimpl
 def register_schedules(register):
+    from .catalog import SCHEDULES
+
     for schedule in SCHEDULES:
         register(schedule)
