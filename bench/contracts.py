@@ -226,12 +226,14 @@ class Value:
 
 @dataclass
 class Batch:
-    """What a metric sees: samples x0, their unit initial noise eps, their indices."""
+    """What a metric sees: samples x0, their unit initial noise eps, their positions in the
+    cell (`indices`, 0..n-1) and the seeds their noise was drawn from (`seeds`)."""
 
     x0: Tensor
     eps: Tensor
     indices: Tensor
     sigma_max: float
+    seeds: Tensor | None = None  # None: the seeds are run seed + indices
 
 
 @dataclass
