@@ -1,22 +1,20 @@
-"""sampler-bench: benchmark diffusion samplers by quality, counted NFE and wall-clock."""
+"""sampler-bench: benchmark diffusion samplers by quality, counted NFE and wall-clock.
 
+The public API is what this package exports (see `__all__`), plus the modules
+`bench.solvers` (pieces samplers share), `bench.testing` (the conformance kit) and
+`bench.errors`. Plugins import nothing else. Names load on first use, so that
+`bench --help` and `import bench` in a plugin's entry module cost no torch import.
+
+    import bench
+    frame = bench.run(samplers="euler,heun", nfe="5,10", num_samples=64)
+    frame.attrs["run_dir"]                       # where results.jsonl and reports went
+    bench.load(frame.attrs["run_dir"])           # the same DataFrame again
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
 import pluggy
-
-from .contracts import (
-    Batch,
-    Denoiser,
-    Metric,
-    MetricContext,
-    ModelSource,
-    Modifier,
-    Plan,
-    Reporter,
-    Sampler,
-    Schedule,
-    Value,
-)
 
 try:
     __version__ = version("sampler-bench")
@@ -25,17 +23,37 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 hookimpl = pluggy.HookimplMarker("bench")
 
-__all__ = [
-    "Batch",
-    "Denoiser",
-    "Metric",
-    "MetricContext",
-    "Modifier",
-    "ModelSource",
-    "Plan",
-    "Reporter",
-    "Sampler",
-    "Schedule",
-    "Value",
-    "hookimpl",
-]
+# name -> the module that defines it, imported when the name is first asked for
+_EXPORTS = {
+    **dict.fromkeys(
+        ("Batch", "Denoiser", "DenoiserWrapper", "Metric", "MetricContext", "MetricState", "ModelSource",
+         "Modifier", "NoiseFn", "Plan", "Reporter", "Sampler", "Schedule", "Value", "cast_like",
+         "resolve_options"),
+        "contracts",
+    ),
+    **dict.fromkeys(
+        ("BenchError", "BudgetExceeded", "Infeasible", "ModelLoadError", "NotApplicable", "PluginError",
+         "UsageError"),
+        "errors",
+    ),
+    **dict.fromkeys(("CellSpec", "Method", "Solve", "Spec", "build", "load_model"), "cell"),
+    **dict.fromkeys(("deferred", "registry"), "plugins"),
+    **dict.fromkeys(("DEFAULT_MODEL", "load", "parse_nfe", "run"), "api"),
+    "Run": "store",
+    "CountingDenoiser": "nfe",
+    "SampleNoise": "seeding",
+}
+
+__all__ = ["__version__", "hookimpl", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bench' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

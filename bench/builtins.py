@@ -1,62 +1,82 @@
-"""The host's own plugin: analytic models, built-in metrics and reporters.
+"""The host's own plugin: analytic models, the digits models, checkpoint sources, built-in
+metrics and reporters, and `bench train-digits`.
 
-Registered through the `bench` entry point exactly like a third-party plugin.
+Registered through the `bench` entry point exactly like a third-party plugin, and as
+import-light as one should be: each hook imports what it registers.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import hookimpl
-from .contracts import ModelSource
-from .digits import SOURCES as DIGITS_SOURCES
-from .digits import add_train_command
-from .fidelity import METRICS as FEATURE_METRICS
-from .loaders import SOURCES as CHECKPOINT_SOURCES
-from .metrics import METRICS
-from .models import gaussian, mixture, parse_shape
-from .reports import REPORTERS
-from .throughput import SOURCES as THROUGHPUT_SOURCES
-
-
-def _load_mixture(arg, device=None, **_):
-    return mixture(shape=parse_shape(arg))
-
-
-def _load_gaussian(arg, device=None, **_):
-    return gaussian(shape=parse_shape(arg))
+from .plugins import deferred
 
 
 @hookimpl
 def register_models(register):
-    register(ModelSource(
-        "mixture",
-        _load_mixture,
-        "analytic 8-component Gaussian mixture, exact denoiser (mixture[:CxHxW], default 1x8x8)",
-        default_metrics=("fd", "rmse"),
-    ))
-    register(ModelSource(
-        "gaussian",
-        _load_gaussian,
-        "analytic single Gaussian, closed-form ODE solution (gaussian[:CxHxW])",
-        default_metrics=("fd", "rmse"),
-    ))
-    for source in [*CHECKPOINT_SOURCES, *THROUGHPUT_SOURCES]:
-        register(source)
-    for source in DIGITS_SOURCES:
+    from .digits import SOURCES as DIGITS_SOURCES
+    from .models import SOURCES as ANALYTIC_SOURCES
+    from .sources import SOURCES as CHECKPOINT_SOURCES
+    from .throughput import SOURCES as THROUGHPUT_SOURCES
+
+    for source in [*ANALYTIC_SOURCES, *CHECKPOINT_SOURCES, *THROUGHPUT_SOURCES, *DIGITS_SOURCES]:
         register(source)
 
 
 @hookimpl
 def register_metrics(register):
+    from .fidelity import METRICS as FEATURE_METRICS
+    from .metrics import METRICS
+
     for metric in [*METRICS, *FEATURE_METRICS]:
         register(metric)
 
 
-@hookimpl
-def register_commands(subparsers):
-    add_train_command(subparsers)
+REPORTERS = (
+    ("console", "render_console", "tables on the terminal (rich)"),
+    ("csv", "render_csv", "results.csv: one row per cell, stable columns"),
+    ("markdown", "render_markdown", "report.md: the tables, environment and problems"),
+    ("html", "render_html", "report.html: tables, plots, sample grids, environment (self-contained)"),
+)
+
+
+def _deferred_render(name: str):
+    """bench.reports.<name>, imported when a run is rendered (pandas and matplotlib are slow
+    to import, and `bench list` needs neither)."""
+
+    def render(run, console):
+        from . import reports
+
+        return getattr(reports, name)(run, console)
+
+    return render
 
 
 @hookimpl
 def register_reporters(register):
-    for reporter in REPORTERS:
-        register(reporter)
+    from .contracts import Reporter
+
+    for name, function, description in REPORTERS:
+        register(Reporter(name, _deferred_render(function), description))
+
+
+@hookimpl
+def register_commands(subparsers):
+    """`bench train-digits`: train the digits UNet and write its weights (defaults: the
+    recipe of bench.digits.TrainConfig, MODEL_CARD.md)."""
+    p = subparsers.add_parser("train-digits", help="train the embedded digits UNet (deterministic, CPU)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("digits-unet.safetensors"),
+        help="weights file to write (the shipped one is bench/assets/digits-unet.safetensors)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 4000)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 128")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N digits only")
+    p.add_argument("--channels", default=None, help="channels per level, the last the bottleneck's")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=deferred("bench.digits:cmd_train_digits"))

@@ -8,81 +8,45 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .compare import (
-    baseline_path,
-    compare_runs,
-    failures,
-    format_comparison,
-    load,
-    parse_tolerance,
-    read_baseline,
-    run_argv,
-    tolerances_from_json,
-    write_baseline,
-)
-from .distributed import World, merge_runs, parse_shard
+from .api import DEFAULT_MODEL, DEFAULT_REPORTERS, DEFAULTS, config_from, split_specs
 from .errors import BenchError, UsageError
-from .plugins import Registry, load_registry
-from .runner import Method, RunConfig, Spec, parse_nfe, run
+from .plugins import KINDS, Registry, load_registry
 from .scaffold import add_plugin_command
-from .store import Run
 
-DEFAULT_MODEL = "digits"  # the embedded UNet (MODEL_CARD.md)
-DEFAULT_REPORTERS = "console,csv,markdown,html"
+if TYPE_CHECKING:
+    from .store import Run
+
 # `bench run` options a baseline does not store (it stores the rest, for `bench check` to rerun)
 NOT_STORED = ("command", "func", "out", "quiet", "report")
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+NOT_REPLAYED = ("trust_pickle",)  # a baseline file must not switch on pickle loading
 
 
-def split_specs(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+class _Consoles:
+    """stdout and stderr rich consoles, made on first use (rich costs import time)."""
+
+    def __getattr__(self, name: str):
+        from rich.console import Console
+
+        self.out = Console(highlight=False)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        return getattr(self, name)
 
 
-def methods_from_args(registry: Registry, args: argparse.Namespace) -> list[Method]:
-    """The grid's methods: samplers x schedules x modifier chains."""
-    names = split_specs(args.samplers)
-    if not names:
-        raise UsageError("--samplers is empty; name samplers or use 'all'")
-    samplers = [Spec(n) for n in registry.names("samplers")] if names == ["all"] else [
-        Spec.parse(n) for n in names
-    ]
-    if not samplers:
-        raise UsageError("no samplers are installed; install a plugin such as bench-classic")
-    schedules = [None if s == "default" else Spec.parse(s) for s in split_specs(args.schedule)]
-    chains = []
-    for variant in split_specs(args.modifiers):
-        chains.append(() if variant == "none" else tuple(Spec.parse(m) for m in variant.split("+")))
-    return [Method(s, sch, ch) for ch in chains for s in samplers for sch in schedules]
+_c = _Consoles()
 
 
 def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
-    config = RunConfig(
-        models=split_specs(args.model),
-        methods=methods_from_args(registry, args),
-        nfe=parse_nfe(args.nfe),
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        metrics=split_specs(args.metrics) if args.metrics else None,
-        out=args.out,
-        command="bench " + shlex.join(sys.argv[1:]),
-        model_options={"trust_pickle": args.trust_pickle},
-        metric_options={k: v for k in ("fid_weights", "ref_stats") if (v := getattr(args, k))},
-        dtype=args.dtype,
-        channels_last=args.channels_last,
-        compile=args.compile,
-        shard=parse_shard(args.shard) if args.shard else (0, 1),
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .distributed import World
+    from .runner import run
+    from .store import Run
+
+    options = {k: getattr(args, k) for k in DEFAULTS}
+    config = config_from(registry, command="bench " + shlex.join(sys.argv[1:]), **options)
     reporters = [registry.get("reporters", name) for name in split_specs(args.report)]
     world = World.from_env()  # under torchrun, rank 0 alone shows progress and reports
     shard, n_shards = config.shard
@@ -92,7 +56,7 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=_c.err,
         transient=True,
         disable=args.quiet or not world.main,
     ) as progress:
@@ -114,6 +78,8 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_merge(registry: Registry, args: argparse.Namespace) -> int:
+    from .distributed import merge_runs
+
     merged = merge_runs(args.run_dirs, args.out, command="bench " + shlex.join(sys.argv[1:]))
     return render(registry, merged, [registry.get("reporters", name) for name in split_specs(args.report)])
 
@@ -123,23 +89,28 @@ def render(registry: Registry, result: Run, reporters) -> int:
     code = 0
     for reporter in reporters:
         try:
-            reporter.render(result, out)
+            reporter.render(result, _c.out)
         except Exception as exc:  # one broken reporter must not lose the others
-            err.print(f"[red]reporter '{reporter.name}' failed:[/red] {type(exc).__name__}: {exc}")
+            _c.err.print(f"[red]reporter '{reporter.name}' failed:[/red] {type(exc).__name__}: {exc}")
             code = 1
     failed = [r for r in result.records if r.get("status") == "failed"]
     if failed:
-        err.print(f"[red]{len(failed)} of {len(result.records)} cells failed[/red]; see above")
+        _c.err.print(f"[red]{len(failed)} of {len(result.records)} cells failed[/red]; see above")
         code = 1
     return code
 
 
 def cmd_report(registry: Registry, args: argparse.Namespace) -> int:
+    from .store import Run
+
     reporters = [registry.get("reporters", name) for name in split_specs(args.report)]
     return render(registry, Run.open(args.run_dir), reporters)
 
 
 def cmd_plugins(registry: Registry, args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    out = _c.out
     if args.json:
         out.print_json(json.dumps([p.__dict__ | {"module_obj": None} for p in registry.plugins]))
         return 0
@@ -156,6 +127,10 @@ def cmd_plugins(registry: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_list(registry: Registry, args: argparse.Namespace) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    out = _c.out
     kinds = [args.kind] if args.kind else list(registry.items)
     for kind in kinds:
         table = Table(title=kind, title_justify="left", show_lines=True)
@@ -178,6 +153,8 @@ def cmd_list(registry: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_compare(registry: Registry, args: argparse.Namespace) -> int:
+    from .compare import compare_runs, format_comparison, load
+
     base = load(args.base)
     cells = compare_runs(base, load(args.head), tolerances(args, None), args.alpha)
     print(format_comparison(cells), end="")
@@ -186,15 +163,22 @@ def cmd_compare(registry: Registry, args: argparse.Namespace) -> int:
 
 def tolerances(args: argparse.Namespace, baseline: dict | None):
     """A baseline's tolerances, overridden by --tolerance METRIC:rel=R:abs=A."""
+    from .compare import parse_tolerance, tolerances_from_json
+
     tol = tolerances_from_json((baseline or {}).get("tolerances"))
     return tol | dict(parse_tolerance(t) for t in args.tolerance)
 
 
 def rerun(registry: Registry, options: dict, out_dir: Path | None, reporters: str) -> Run:
     """`bench run` with stored options into `out_dir` (a fresh temporary one by default)."""
+    from .compare import run_argv
+    from .store import Run
+
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="bench-"))
+    # Stored options never grant trust: only the person's own command line can
+    options = {k: v for k, v in options.items() if k not in NOT_REPLAYED}
     argv = ["run", *run_argv(options), "--out", str(out_dir), "--quiet", "--report", reporters]
-    err.print(f"running: bench {shlex.join(argv)}")
+    _c.err.print(f"running: bench {shlex.join(argv)}")
     args, unknown = build_parser(registry).parse_known_args(argv)
     if unknown:
         raise UsageError(f"the baseline's run options {' '.join(unknown)} are not known to this "
@@ -204,6 +188,8 @@ def rerun(registry: Registry, options: dict, out_dir: Path | None, reporters: st
 
 
 def cmd_check(registry: Registry, args: argparse.Namespace) -> int:
+    from .compare import baseline_path, compare_runs, failures, format_comparison, load, read_baseline
+
     path = baseline_path(args.baseline)
     baseline = read_baseline(path)
     head = load(args.run_dir) if args.run_dir else rerun(registry, baseline["run"], args.out, "csv")
@@ -227,6 +213,8 @@ def cmd_check(registry: Registry, args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(registry: Registry, args: argparse.Namespace) -> int:
+    from .compare import baseline_path, write_baseline
+
     run_args = build_parser(registry).parse_args(["run", *args.run_args])
     options = {k: v if isinstance(v, bool | int | float | str | None) else str(v)
                for k, v in vars(run_args).items() if k not in NOT_STORED}
@@ -244,24 +232,26 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run samplers x NFE budgets on a model and report")
-    p.add_argument("--samplers", default="all", help="comma list of name[:key=value...], or 'all'")
-    p.add_argument("--nfe", default="5,10,20", help="comma list of NFE budgets (default 5,10,20)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec name[:arg] (default {DEFAULT_MODEL})")
-    p.add_argument("--schedule", default="default",
+    p.add_argument("--samplers", default=DEFAULTS["samplers"],
+                   help="comma list of name[:key=value...], or 'all'")
+    p.add_argument("--nfe", default=DEFAULTS["nfe"], help="comma list of NFE budgets (default 5,10,20)")
+    p.add_argument("--model", default=DEFAULTS["model"],
+                   help=f"model spec name[:arg] (default {DEFAULT_MODEL})")
+    p.add_argument("--schedule", default=DEFAULTS["schedule"],
                    help="comma list of schedules name[:key=value]; 'default' is each sampler's own")
-    p.add_argument("--modifiers", default="none",
+    p.add_argument("--modifiers", default=DEFAULTS["modifiers"],
                    help="comma list of variants, each 'none' or mod[:k=v]+mod...; e.g. none,skip-tuning")
-    p.add_argument("--num-samples", type=int, default=256,
+    p.add_argument("--num-samples", type=int, default=DEFAULTS["num_samples"],
                    help="samples per cell (default 256: the full default grid in minutes on a 2-core CPU; "
                         "FIDs are comparable only at equal counts)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--device", default=DEFAULTS["device"], help="cpu, cuda or cuda:N")
     p.add_argument("--metrics", default=None, help="comma list (default: the model's own)")
     p.add_argument("--report", default=DEFAULT_REPORTERS, help=f"reporters (default {DEFAULT_REPORTERS})")
     p.add_argument("--out", type=Path, default=None, help="run directory (default reports/<model>-<hash>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", default=DEFAULTS["dtype"], choices=["fp32", "bf16", "fp16"],
                    help="precision the network runs in (autocast); samplers stay in float32")
     p.add_argument("--channels-last", action="store_true", help="run the network on channels_last tensors")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs)")
@@ -295,7 +285,7 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("list", help="samplers (with NFE rules), schedules, models, metrics, ...")
-    p.add_argument("kind", nargs="?", choices=list(registry.items))
+    p.add_argument("kind", nargs="?", choices=list(KINDS))
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("compare", help="per cell: better / worse / newly failing / fixed / not comparable")
@@ -330,6 +320,10 @@ def add_judging_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:  # no plugin needs loading for that
+        print(f"sampler-bench {__version__}")
+        return 0
     try:
         registry = load_registry()
         parser = build_parser(registry)
@@ -339,5 +333,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)  # one line, never wrapped
         return exc.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted; finished cells are kept, rerun the same command to resume")
+        _c.err.print("interrupted; finished cells are kept, rerun the same command to resume")
         return 130

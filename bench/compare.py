@@ -1,8 +1,11 @@
 """Comparing runs and gating CI: `bench compare`, `bench check`, `bench baseline`.
 
-In the manner of asv compare: cells are matched by (model, method, NFE budget); a cell
-whose model, method, sample count, seed, precision or plugin versions changed is *not
-comparable*, never a regression. Between comparable cells every metric and the calibrated
+In the manner of asv compare: cells are matched by (model, sampler, schedule, modifiers,
+NFE budget) of their cell spec (`bench.CellSpec`, stored in each record as `spec`); a cell
+whose spec differs otherwise (sample count, seed block, metric versions or options such as
+the FID reference, device, precision) is *not comparable*, never a regression. A new
+version of the sampler, schedule or modifier plugin is compared (that is what a
+regression check is for) and the note names it. Between comparable cells every metric and the calibrated
 wall-clock is judged: a change counts only if it exceeds its tolerance (a factor either
 way and an absolute floor) AND, where both runs report a spread (`Value.std`, a standard
 error), passes a two-sided z-test at level `alpha`; without a spread the tolerance alone
@@ -22,14 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cell import CellSpec
+from .cell import differences as spec_differences
 from .errors import UsageError
 from .store import RESULTS, Run, write_json
 
 SPEED = "wall"  # the key under which calibrated wall-clock is compared
 ANY = "*"  # the tolerance of metrics not named
 
-# Cell fields that must agree for two cells to be comparable, and for their speeds to be
-IDENTITY = ("model", "sampler", "schedule", "modifiers", "num_samples", "seed", "dtype", "versions")
+# Record fields that must agree for two cells' speeds to be comparable
 SPEED_IDENTITY = ("batch_size", "device", "channels_last", "compile", "world_size")
 
 # Verdicts that make `bench check` fail; `strict` adds those that mean "not checked"
@@ -160,7 +164,17 @@ class CellComparison:
 
 
 def cell_key(record: dict[str, Any]) -> tuple[str, str, int]:
+    """(model, method label, NFE): how a cell is shown."""
     return (record["model"], record["method"], int(record["nfe"]))
+
+
+def match_key(record: dict[str, Any]) -> tuple:
+    """What cells are matched by across runs: the key fields of the cell spec (the label for a
+    record written before cell specs)."""
+    spec = record.get("spec")
+    if not isinstance(spec, dict):
+        return ("legacy", *cell_key(record))
+    return tuple(tuple(v) if isinstance(v, list) else v for v in (spec.get(k) for k in CellSpec.KEY))
 
 
 def compare_runs(
@@ -171,15 +185,15 @@ def compare_runs(
 ) -> list[CellComparison]:
     """Every cell of base and head, in base's order then head's new cells."""
     tolerances = tolerances or dict(DEFAULT_TOLERANCES)
-    base_cells = {cell_key(r): r for r in base.records}
-    head_cells = {cell_key(r): r for r in head.records}
+    base_cells = {match_key(r): r for r in base.records}
+    head_cells = {match_key(r): r for r in head.records}
     out = []
     for key in [*base_cells, *(k for k in head_cells if k not in base_cells)]:
         b, h = base_cells.get(key), head_cells.get(key)
         if b is None:
-            out.append(CellComparison(*key, "new", "no baseline for this cell"))
+            out.append(CellComparison(*cell_key(h), "new", "no baseline for this cell"))
         elif h is None:
-            out.append(CellComparison(*key, "missing", "the head run has no such cell"))
+            out.append(CellComparison(*cell_key(b), "missing", "the head run has no such cell"))
         else:
             out.append(compare_cell(b, h, tolerances, alpha))
     return out
@@ -190,11 +204,17 @@ def compare_cell(
 ) -> CellComparison:
     """The verdict on one cell present in both runs."""
     cell = CellComparison(*cell_key(b), "same")
-    # Not comparable: what identifies the measurement changed
-    changed = differences(IDENTITY, b, h)
+    # Not comparable: what identifies the measurement changed (the cell spec decides alone)
+    if not (isinstance(b.get("spec"), dict) and isinstance(h.get("spec"), dict)):
+        cell.verdict = "not comparable"
+        cell.reason = "a record without a cell spec (written before cell specs); regenerate the baseline"
+        return cell
+    changed = spec_differences(b["spec"], h["spec"])
     if changed:
         cell.verdict, cell.reason = "not comparable", "; ".join(changed)
         return cell
+    # New plugin versions are compared; the note says which changed
+    cell.reason = "; ".join(differences(("versions",), b, h))
     # Status changes: a cell that stopped (or started) producing samples
     if b.get("status") != "ok" or h.get("status") != "ok":
         cell.verdict = status_change(b.get("status"), h.get("status"))
@@ -208,6 +228,8 @@ def compare_cell(
     cell.changes.append(compare_speed(b, h, tolerances[SPEED]))
     verdicts = {c.verdict for c in cell.changes}
     cell.verdict = next((v for v in ("worse", "better") if v in verdicts), "same")
+    if cell.reason:  # the plugin versions that changed, shown with the cell's first change
+        cell.changes[0].note = f"{cell.changes[0].note} ({cell.reason})"
     return cell
 
 

@@ -8,7 +8,6 @@ down a schedule of sigmas. Plugins register the dataclasses below through the ho
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,9 +16,6 @@ import torch
 from torch import Tensor
 
 from .errors import PluginError, UsageError
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.+_-]*$")
-
 
 # --- Denoiser -------------------------------------------------------------------------
 
@@ -74,6 +70,47 @@ class Denoiser(torch.nn.Module):
             "sigma_max": float(self.sigma_max),
             "sigma_data": float(self.sigma_data),
         }
+
+
+class DenoiserWrapper(Denoiser):
+    """A Denoiser around another (`inner`): the NFE counter, a modifier, a precision wrapper.
+
+    It takes the inner model's sigma range, sigma_data, shape, spec and has_bottleneck
+    (a subclass may set others after `super().__init__`, e.g. a new shape), forwards
+    round_sigma, describe, `net` and any attribute it lacks (an analytic model's moments,
+    say) to it, and by default calls it. The network is reached through `inner`, never
+    registered twice, so state dicts and fingerprints stay those of the model.
+    """
+
+    def __init__(self, inner: Denoiser) -> None:
+        super().__init__()
+        self.inner = inner
+        self.sigma_min, self.sigma_max, self.sigma_data = inner.sigma_min, inner.sigma_max, inner.sigma_data
+        self.shape, self.spec = tuple(inner.shape), inner.spec
+        self.has_bottleneck = inner.has_bottleneck
+
+    @property
+    def net(self) -> torch.nn.Module | None:
+        return self._modules["inner"].net
+
+    @net.setter
+    def net(self, value: torch.nn.Module | None) -> None:
+        raise AttributeError("a DenoiserWrapper reaches its network through `inner`")
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Any:
+        return self.inner(x, sigma, **cond)
+
+    def round_sigma(self, sigma: Tensor | float) -> Tensor:
+        return self.inner.round_sigma(sigma)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
 
 
 def check_denoiser(denoiser: Any) -> None:

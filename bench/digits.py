@@ -326,31 +326,12 @@ def load_digits_optimal(arg: str | None = None, device=None, **_) -> OptimalDeno
 # --- Command line ---------------------------------------------------------------------
 
 
-def add_train_command(subparsers) -> None:
-    """`bench train-digits`: train the digits UNet and write its weights."""
-    d = TrainConfig()
-    p = subparsers.add_parser("train-digits", help="train the embedded digits UNet (deterministic, CPU)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("digits-unet.safetensors"),
-        help="weights file to write (the shipped one is bench/assets/digits-unet.safetensors)",
-    )
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--limit", type=int, default=None, help="train on the first N digits only")
-    p.add_argument(
-        "--channels",
-        default=",".join(map(str, d.channels)),
-        help="channels per level, the last the bottleneck's",
-    )
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_train_digits)
-
-
 def cmd_train_digits(registry, args) -> int:
+    d = TrainConfig()
+    for key, default in (("steps", d.steps), ("batch_size", d.batch_size), ("lr", d.lr), ("seed", d.seed),
+                         ("channels", ",".join(map(str, d.channels)))):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
     try:
         channels = tuple(int(c) for c in args.channels.split(","))
     except ValueError:
@@ -359,6 +340,10 @@ def cmd_train_digits(registry, args) -> int:
         raise UsageError(
             "--steps and --batch-size must be positive; --channels needs two or more levels >= 4"
         )
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr: {args.lr} is not a positive finite learning rate, e.g. 2e-3")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit: {args.limit} digits; give a positive count (or leave it out for all)")
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,

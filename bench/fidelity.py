@@ -45,8 +45,8 @@ from torch_fidelity.utils import create_feature_extractor
 from . import digits_classifier as dc
 from .contracts import Batch, Metric, MetricContext, Value
 from .errors import ModelLoadError, UsageError
-from .loaders import fetch, offline
 from .metrics import _Moments
+from .sources.download import fetch, offline
 
 INCEPTION, INCEPTION_LAYER, INCEPTION_DIM = "inception-v3-compat", "2048", 2048
 INCEPTION_FILE = Path(URL_INCEPTION_V3).name

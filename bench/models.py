@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .contracts import Denoiser
+from .contracts import Denoiser, ModelSource
 
 
 class GaussianMixture(Denoiser):
@@ -123,3 +123,27 @@ def parse_shape(arg: str | None, default=(1, 8, 8)) -> tuple[int, int, int]:
     except ValueError:
         raise UsageError(f"model shape '{arg}' is not CxHxW, e.g. 3x8x8") from None
     return (c, h, w)
+
+
+def _load_mixture(arg, device=None, **_):
+    return mixture(shape=parse_shape(arg))
+
+
+def _load_gaussian(arg, device=None, **_):
+    return gaussian(shape=parse_shape(arg))
+
+
+SOURCES = [
+    ModelSource(
+        "mixture",
+        _load_mixture,
+        "analytic 8-component Gaussian mixture, exact denoiser (mixture[:CxHxW], default 1x8x8)",
+        default_metrics=("fd", "rmse"),
+    ),
+    ModelSource(
+        "gaussian",
+        _load_gaussian,
+        "analytic single Gaussian, closed-form ODE solution (gaussian[:CxHxW])",
+        default_metrics=("fd", "rmse"),
+    ),
+]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .contracts import Denoiser
+from .contracts import Denoiser, DenoiserWrapper
 from .errors import BudgetExceeded
 
 
@@ -27,17 +27,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class CountingDenoiser(Denoiser):
+class CountingDenoiser(DenoiserWrapper):
     """Wraps a Denoiser; counts calls (at the model's resolution and others) and time in it."""
 
     def __init__(self, inner: Denoiser, budget: int | None = None) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.budget = budget
-        self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
-        self.sigma_data, self.shape = inner.sigma_data, tuple(inner.shape)
-        self.net = inner.net
-        self.spec, self.has_bottleneck = inner.spec, inner.has_bottleneck
         self.count_shape = self.shape
         self.nfe = 0
         self.extra = 0
@@ -46,12 +41,6 @@ class CountingDenoiser(Denoiser):
 
     def reset(self) -> None:
         self.nfe, self.extra, self.extra_cost, self.model_s = 0, 0, 0.0, 0.0
-
-    def round_sigma(self, sigma: Tensor | float) -> Tensor:
-        return self.inner.round_sigma(sigma)
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe()
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         # Tally the call: calls at the sampling resolution spend the budget
@@ -71,9 +60,3 @@ class CountingDenoiser(Denoiser):
         synchronize(x.device)
         self.model_s += time.perf_counter() - start
         return out
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)

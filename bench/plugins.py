@@ -9,19 +9,22 @@ built-ins always load).
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
-from .contracts import NAME_RE, PLUGIN_TYPES
 from .errors import PluginError, unknown
 
 GROUP = "bench"
 HOST = "sampler-bench"
+KINDS = ("samplers", "schedules", "models", "modifiers", "metrics", "reporters")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.+_-]*$")
 
 
 @dataclass
@@ -37,14 +40,50 @@ class PluginInfo:
 
 
 class Registry:
-    """Everything the plugins registered, by kind and name, with the owning distribution."""
+    """Everything the plugins registered, by kind and name, with the owning distribution.
+
+    Loading imports the plugins' entry modules only; the `register_*` hooks run when an item
+    is first asked for, so a command that needs none (`bench --help`) imports no torch.
+    """
 
     def __init__(self) -> None:
-        self.items: dict[str, dict[str, Any]] = {kind: {} for kind in PLUGIN_TYPES}
-        self.aliases: dict[str, dict[str, str]] = {kind: {} for kind in PLUGIN_TYPES}  # alias -> name
+        self._items: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+        self._aliases: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}  # alias -> name
         self.owner: dict[tuple[str, str], PluginInfo] = {}
-        self.plugins: list[PluginInfo] = []
+        self._plugins: list[PluginInfo] = []
         self.pm: pluggy.PluginManager | None = None
+        self._filled = True  # a Registry built by hand is filled by hand
+
+    @property
+    def items(self) -> dict[str, dict[str, Any]]:
+        self.fill()
+        return self._items
+
+    @property
+    def aliases(self) -> dict[str, dict[str, str]]:
+        self.fill()
+        return self._aliases
+
+    @property
+    def plugins(self) -> list[PluginInfo]:
+        """Every loaded (or failed) plugin, with what it registered."""
+        self.fill()
+        return self._plugins
+
+    def fill(self) -> None:
+        """Run every plugin's register_* hooks, once; a failing hook is that plugin's error."""
+        if self._filled:
+            return
+        self._filled = True
+        by_module = {id(getattr(p, "module_obj", None)): p for p in self._plugins}
+        for kind in KINDS:
+            hook = getattr(self.pm.hook, f"register_{kind}")
+            for impl in reversed(hook.get_hookimpls()):  # registration order
+                info = by_module[id(impl.plugin)]
+                try:
+                    impl.function(register=lambda item, _k=kind, _i=info: self._add(_k, item, _i))
+                except Exception as exc:
+                    info.error = f"register_{kind} failed: {type(exc).__name__}: {exc}"
 
     def get(self, kind: str, name: str) -> Any:
         """The item (by name or alias) or a UsageError listing what exists and the closest match."""
@@ -63,6 +102,7 @@ class Registry:
 
     def version_of(self, kind: str, name: str) -> str:
         """`dist==version` of the plugin that registered `name`."""
+        self.fill()
         info = self.owner[(kind, name)]
         return f"{info.dist}=={info.version}"
 
@@ -70,6 +110,10 @@ class Registry:
         return {p.dist: p.version for p in self.plugins if p.error is None}
 
     def _add(self, kind: str, item: Any, info: PluginInfo) -> None:
+        """Add one item; a bad item or a clash is the registering plugin's error (it raises out
+        of that plugin's hook, which records it), and the first registration stays."""
+        from .contracts import PLUGIN_TYPES
+
         expected = PLUGIN_TYPES[kind]
         if not isinstance(item, expected):
             raise PluginError(
@@ -78,21 +122,21 @@ class Registry:
             )
         if not NAME_RE.match(item.name):
             raise PluginError(f"{info.dist} registered the invalid {kind[:-1]} name '{item.name}'")
-        if item.name in self.items[kind]:
+        if item.name in self._items[kind]:
             first = self.owner[(kind, item.name)]
             raise PluginError(
                 f"{kind[:-1]} '{item.name}' is registered twice: by {first.dist} and by {info.dist}"
             )
         for alias in getattr(item, "aliases", ()):
-            taken = alias in self.items[kind] or alias in self.aliases[kind]
+            taken = alias in self._items[kind] or alias in self._aliases[kind]
             if taken or not NAME_RE.match(alias.replace("_", "-")):
                 raise PluginError(f"{info.dist}: alias '{alias}' of {kind[:-1]} '{item.name}' is "
                                   "invalid or taken")
-        if item.name in self.aliases[kind]:
+        if item.name in self._aliases[kind]:
             raise PluginError(f"{kind[:-1]} '{item.name}' is already an alias of "
-                              f"'{self.aliases[kind][item.name]}'")
-        self.items[kind][item.name] = item
-        self.aliases[kind].update(dict.fromkeys(getattr(item, "aliases", ()), item.name))
+                              f"'{self._aliases[kind][item.name]}'")
+        self._items[kind][item.name] = item
+        self._aliases[kind].update(dict.fromkeys(getattr(item, "aliases", ()), item.name))
         self.owner[(kind, item.name)] = info
         info.registered.setdefault(kind, []).append(item.name)
 
@@ -121,6 +165,7 @@ def _entry_points() -> list[md.EntryPoint]:
 def load_registry() -> Registry:
     """Discover, load and validate every plugin; build a fresh Registry."""
     registry = Registry()
+    registry._filled = False
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     registry.pm = pm
@@ -133,7 +178,7 @@ def load_registry() -> Registry:
         }:
             continue
         info = PluginInfo(name=ep.name, dist=dist, version=version, module=ep.value)
-        registry.plugins.append(info)
+        registry._plugins.append(info)
         try:
             module = ep.load()
         except Exception as exc:  # a broken plugin must not break the others
@@ -148,15 +193,24 @@ def load_registry() -> Registry:
             info.error = f"invalid plugin: {exc}"
             continue
         info.module_obj = module  # type: ignore[attr-defined]
-    by_module = {id(getattr(p, "module_obj", None)): p for p in registry.plugins}
-    for kind in PLUGIN_TYPES:
-        hook = getattr(pm.hook, f"register_{kind}")
-        for impl in reversed(hook.get_hookimpls()):  # registration order
-            info = by_module[id(impl.plugin)]
-            try:
-                impl.function(register=lambda item, _k=kind, _i=info: registry._add(_k, item, _i))
-            except PluginError:
-                raise
-            except Exception as exc:
-                info.error = f"register_{kind} failed: {type(exc).__name__}: {exc}"
     return registry
+
+
+@functools.cache
+def registry() -> Registry:
+    """The installed plugins, loaded once per process (the public `bench.registry()`)."""
+    return load_registry()
+
+
+def deferred(target: str):
+    """A subcommand's `func` that imports `module:function` only when the command runs, so
+    that a plugin's `register_commands` can define its arguments without importing torch
+    (`bench --help` loads every plugin): `p.set_defaults(func=deferred("pkg.cmd:run"))`."""
+    module, _, name = target.partition(":")
+
+    def run(registry: Registry, args: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(registry, args)
+
+    return run

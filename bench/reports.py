@@ -17,7 +17,6 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .contracts import Reporter
 from .store import Run
 
 
@@ -402,11 +401,3 @@ def render_html(run: Run, console: Console) -> Path:
     path = run.dir / "report.html"
     path.write_text(page)
     return path
-
-
-REPORTERS = [
-    Reporter("console", render_console, "tables on the terminal (rich)"),
-    Reporter("csv", render_csv, "results.csv: one row per cell, stable columns"),
-    Reporter("markdown", render_markdown, "report.md: the tables, environment and problems"),
-    Reporter("html", render_html, "report.html: tables, plots, sample grids, environment (self-contained)"),
-]

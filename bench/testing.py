@@ -7,10 +7,10 @@
     def test_sampler_conformance(name):
         check_sampler(name)
 
-A sampler is checked through the installed plugin (real entry-point discovery), the real
-NFE counter (`bench.nfe.CountingDenoiser` with the cell's budget) and the per-sample noise
-of runs, on the analytic Gaussian (`bench.models.gaussian`), whose probability-flow ODE
-has a closed-form solution:
+A sampler is checked through the installed plugin (real entry-point discovery) and the
+very code path of a run, `bench.build` (options, plan, sigmas, the NFE counter with the
+cell's budget, modifiers, prepare) with the per-sample noise of runs, on the analytic
+Gaussian (`bench.models.gaussian`), whose probability-flow ODE has a closed-form solution:
 
 - NFE honesty: every budget is planned exactly (plan.nfe == budget) or refused with
   `bench.errors.Infeasible`; the counted calls equal the plan and never pass the budget;
@@ -41,12 +41,12 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from .cell import CellSpec, Method, Solve, Spec, build, load_model
 from .contracts import Denoiser, Sampler, Schedule, check_denoiser, resolve_options
 from .errors import BudgetExceeded, Infeasible
 from .models import gaussian
 from .nfe import CountingDenoiser
-from .plugins import Registry, load_registry
-from .runner import Spec, load_model, make_sigmas
+from .plugins import registry as installed
 from .seeding import SampleNoise
 
 SHAPE = (2, 4, 6)  # channels and a non-square image, so that hard-coded shapes show
@@ -72,10 +72,7 @@ def single_threaded(check: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-@functools.cache
-def registry() -> Registry:
-    """The installed plugins, loaded once per test session."""
-    return load_registry()
+registry = installed  # the installed plugins, loaded once per process (cache_clear() reloads)
 
 
 def registered_by(dist: str, kind: str) -> list[str]:
@@ -101,17 +98,18 @@ def schedules_of(dist: str) -> list[str]:
 
 @dataclass
 class Case:
-    """A sampler with its options and schedule, on the analytic Gaussian."""
+    """A sampler with its options and schedule (and modifiers), on the analytic Gaussian."""
 
     name: str
     sampler: Sampler
-    options: dict[str, Any]
+    options: dict[str, Any]  # resolved: what the planner sees
     schedule: Schedule
     schedule_options: dict[str, Any]
     model: Denoiser  # the analytic Gaussian unless a check needs another model
     stochastic: bool
-    modify: Callable[[Denoiser], Denoiser] | None = None  # a modifier over the NFE counter
-    prepared: dict[int, dict[str, Any]] = field(default_factory=dict)  # by budget
+    given: tuple[tuple[str, str], ...] = ()  # the options as a run's spec writes them
+    modifiers: tuple[Spec, ...] = ()  # applied over the NFE counter, as in a run
+    built: dict[tuple[int, int], Solve] = field(default_factory=dict)  # by (budget, seed)
 
     @classmethod
     def of(
@@ -121,20 +119,24 @@ class Case:
         shape=SHAPE,
         stochastic: bool | None = None,
         model: Denoiser | None = None,
+        modifiers: Sequence[Spec] = (),
     ) -> Case:
         """`stochastic` overrides the sampler's declaration, for options that add noise;
         `model` replaces the analytic Gaussian of shape `shape`."""
         sampler = registry().get("samplers", name)
         spec = Spec.parse(sampler.default_schedule)
         schedule = registry().get("schedules", spec.name)
+        given = tuple((k, str(v)) for k, v in (options or {}).items())
         return cls(
-            name,
+            sampler.name,
             sampler,
-            resolve_options("sampler", name, sampler.options, dict(options or {})),
+            resolve_options("sampler", name, sampler.options, dict(given)),
             schedule,
             resolve_options("schedule", spec.name, schedule.options, dict(spec.options)),
             gaussian(shape=shape) if model is None else model,
             sampler.stochastic if stochastic is None else stochastic,
+            given,
+            tuple(modifiers),
         )
 
     def feasible(self, budgets: Iterable[int]) -> list[int]:
@@ -154,6 +156,14 @@ class Case:
         assert found, f"{self.name}: no feasible budget in {nfe}..{nfe + 3} for the {what} check"
         return found[0]
 
+    def solver(self, nfe: int, seed: int = SEED) -> Solve:
+        """The cell at a budget, built by bench.build exactly as a run builds it (once)."""
+        if (nfe, seed) not in self.built:
+            spec = CellSpec(getattr(self.model, "spec", "") or "test", Method(Spec(self.name, self.given),
+                            None, self.modifiers), nfe, seed=seed)
+            self.built[(nfe, seed)] = build(registry(), spec, self.model, "cpu")
+        return self.built[(nfe, seed)]
+
 
 @dataclass
 class Solved:
@@ -170,28 +180,12 @@ def solve(
     """The case's samples for `indices` at a budget, exactly as a run draws them: initial
     noise from each sample's own seed, the budget enforced by the real NFE counter.
     `noise_seed` gives the sampler's later noise draws another seed than the latent's."""
-    plan = case.sampler.plan(nfe, case.options)
-    sigmas = make_sigmas(case.schedule, case.schedule_options, plan, case.model, "cpu")
-    options = {**case.options, **plan.options}
-    # The sampler's own preparation, once per budget and outside it
-    if case.sampler.prepare is not None and nfe not in case.prepared:
-        case.prepared[nfe] = dict(case.sampler.prepare(CountingDenoiser(case.model), sigmas, options))
-    # The counter on the model, a modifier (if any) on top, as in a run
-    counted = CountingDenoiser(case.model, budget=nfe)
-    model = case.modify(counted) if case.modify else counted
-    counted.count_shape = tuple(model.shape)
-    # The initial latent, then the noise stream the sampler draws from
-    eps = SampleNoise(seed, indices, model.shape, "cpu")()
-    noise = SampleNoise(seed if noise_seed is None else noise_seed, indices, model.shape, "cpu")
-    noise()  # the stream's first draw is the initial latent
+    s = case.solver(nfe, seed)
     try:
-        with torch.inference_mode():
-            x0 = case.sampler.sample(
-                model, eps * sigmas[0], sigmas, noise=noise, **options, **case.prepared.get(nfe, {})
-            )
+        out = s.sample(indices, noise_seed=noise_seed)
     except BudgetExceeded as exc:
         raise AssertionError(f"{case.name} at a budget of {nfe} NFE: {exc}") from None
-    return Solved(x0, eps * sigmas[0], sigmas, counted.nfe, counted.extra)
+    return Solved(out.x0, out.eps * s.sigmas[0], s.sigmas, out.nfe, out.extra)
 
 
 # --- The checks -----------------------------------------------------------------------------
@@ -410,14 +404,15 @@ def check_modifier(
     batch mates; with the `neutral` options (e.g. a guidance weight of 0) it computes exactly
     what the model computes."""
     modifier = registry().get("modifiers", name)
-    base = load_model(registry(), model, torch.device("cpu")) if isinstance(model, str) else model
+    base = load_model(model, torch.device("cpu"), registry=registry()) if isinstance(model, str) else model
     given = resolve_options("modifier", name, modifier.options, dict(options or {}))
-    if modifier.takes_cell:  # the cell it runs in, as the runner gives it
+    if modifier.takes_cell:  # the cell it runs in, as a run gives it
         given["cell"] = {"model": getattr(base, "spec", ""), "sampler": sampler, "nfe": nfe}
-    case = Case.of(sampler, model=base)
-    case.modify = lambda d: modifier.apply(d, **given)
+    mod = Spec(name, tuple((k, str(v)) for k, v in (options or {}).items()))
+    case = Case.of(sampler, model=base, modifiers=(mod,))
     # A Denoiser comes back, and sampling through it is counted: the network's calls equal the counter's
-    check_denoiser(case.modify(CountingDenoiser(base)))
+    check_denoiser(modifier.apply(CountingDenoiser(base), **given))
+    case.solver(nfe)  # built (a modifier may probe the model once) before the calls are counted
     calls = []
     hook = (base.net or base).register_forward_pre_hook(lambda *_: calls.append(1))
     try:

@@ -20,24 +20,20 @@ import torch
 from torch import Tensor
 
 from .adapters import DiscreteVP
-from .contracts import Denoiser, ModelSource
+from .contracts import Denoiser, DenoiserWrapper, ModelSource
 from .errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Accelerated(Denoiser):
+class Accelerated(DenoiserWrapper):
     """The model as a run executes it: autocast to `dtype`, channels_last inputs and
     weights, torch.compile; the output is cast back to the input's dtype."""
 
     def __init__(
         self, inner: Denoiser, dtype: str = "fp32", channels_last: bool = False, compile: bool = False
     ) -> None:
-        super().__init__()
-        self.inner = inner
-        self.sigma_min, self.sigma_max = inner.sigma_min, inner.sigma_max
-        self.sigma_data, self.shape = inner.sigma_data, tuple(inner.shape)
-        self.net, self.spec, self.has_bottleneck = inner.net, inner.spec, inner.has_bottleneck
+        super().__init__(inner)
         self.autocast = DTYPES[dtype]
         self.channels_last = channels_last
         if channels_last:
@@ -54,18 +50,6 @@ class Accelerated(Denoiser):
         if isinstance(out, tuple):
             return (out[0].to(x.dtype).contiguous(), *out[1:])
         return out.to(x.dtype).contiguous()
-
-    def round_sigma(self, sigma: Tensor | float) -> Tensor:
-        return self.inner.round_sigma(sigma)
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe()
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
 
 
 def accelerate(

@@ -22,9 +22,9 @@ import os
 import pytest
 import torch
 
-from bench.cli import DEFAULT_MODEL
+from bench import DEFAULT_MODEL, load_model
+from bench.cell import make_sigmas
 from bench.nfe import CountingDenoiser
-from bench.runner import load_model, make_sigmas
 from bench.seeding import SampleNoise
 from bench.testing import Case, registry
 
@@ -38,7 +38,7 @@ THREADS = int(os.environ.get("BENCH_BENCHMARK_THREADS", "1"))
 def denoiser():
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
-    yield load_model(registry(), MODEL, torch.device("cpu"))
+    yield load_model(MODEL, torch.device("cpu"), registry=registry())
     torch.set_num_threads(threads)
 
 

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from bench.cli import DEFAULT_MODEL, split_specs
+from bench import DEFAULT_MODEL, Method, Spec
+from bench.api import split_specs
 from bench.contracts import resolve_options
 from bench.errors import Infeasible
 from bench.plugins import Registry, load_registry
-from bench.runner import Method, RunConfig, Spec, run
+from bench.runner import RunConfig, run
 
 NFE = 10
 

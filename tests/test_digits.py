@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
+from bench import Method, Spec
 from bench.cli import main
 from bench.digits import WEIGHTS, UNet, load_unet
 from bench.digits_classifier import digits
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
-from bench.runner import Method, RunConfig, Spec, run
+from bench.runner import RunConfig, run
 from bench.store import RESULTS, read_records
 
 

@@ -13,11 +13,11 @@ import sys
 
 import pytest
 
-from bench import cli
+from bench import Method, Spec, cli
 from bench.distributed import World, merge_runs, parse_shard
 from bench.errors import UsageError
 from bench.plugins import load_registry
-from bench.runner import Method, RunConfig, Spec, run
+from bench.runner import RunConfig, run
 from bench.store import RESULTS, Run, read_records
 
 # A plugin whose samplers misbehave on rank 1 only: one raises (its cell fails), one kills

@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import load_model
 from bench.cli import main
 from bench.contracts import Denoiser, check_denoiser
 from bench.errors import ModelLoadError, UsageError
-from bench.loaders import EDM_PRESETS, EDMNetwork, load_edm, load_factory
 from bench.plugins import load_registry
-from bench.runner import load_model
+from bench.sources.edm import EDM_PRESETS, EDMNetwork, load_edm
+from bench.sources.factory import load_factory
 
 CPU = torch.device("cpu")
 BENCH = str(Path(sys.executable).with_name("bench"))
@@ -239,7 +240,7 @@ def check_contract(d: Denoiser, shape, *, near_identity: bool = True) -> None:
 def test_edm_pickle_loads_through_the_registry_exactly(snapshots, registry):
     out, x, sigma = snapshots
     path, ref, _ = out["uncond"]
-    d = load_model(registry, f"edm:{path}", CPU, {"trust_pickle": True})
+    d = load_model(f"edm:{path}", CPU, registry=registry, options={"trust_pickle": True})
     assert isinstance(d, EDMNetwork) and type(d.net).__name__ == "EDMPrecond"
     # EDM generate.py's range: [0.002, 80] within the network's [0, inf)
     assert (d.sigma_min, d.sigma_max, d.sigma_data) == (0.002, 80.0, 0.5)
@@ -351,7 +352,7 @@ def test_diffusers_euler_step_is_diffusers_ddim(prediction, diffusers_dirs, regi
     from diffusers import DDIMScheduler
 
     unet, dirs = diffusers_dirs
-    d = load_model(registry, f"diffusers:{dirs[prediction]}", CPU)
+    d = load_model(f"diffusers:{dirs[prediction]}", CPU, registry=registry)
     assert d.prediction == prediction
     check_contract(d, (1, 8, 8), near_identity=prediction != "sample")
     # Linear betas 1e-4..0.02 over 1000 steps, computed here in float64
@@ -391,11 +392,11 @@ def test_diffusers_offline_is_one_line_through_the_cli(tmp_path):
 def test_diffusers_offline_flag_and_bad_specs(tmp_path, monkeypatch, registry):
     monkeypatch.setenv("BENCH_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="bench-tests/no-such-repo.*not cached"):
-        load_model(registry, "diffusers:bench-tests/no-such-repo", CPU)
+        load_model("diffusers:bench-tests/no-such-repo", CPU, registry=registry)
     with pytest.raises(UsageError, match="closest: ddpm-cifar10-32"):
-        load_model(registry, "diffusers:ddpm-cifar10", CPU)
+        load_model("diffusers:ddpm-cifar10", CPU, registry=registry)
     with pytest.raises(ModelLoadError, match="no such directory"):
-        load_model(registry, f"diffusers:{tmp_path}/missing/dir", CPU)
+        load_model(f"diffusers:{tmp_path}/missing/dir", CPU, registry=registry)
 
 
 # --- Python factories -------------------------------------------------------------------
@@ -443,7 +444,8 @@ def factory(tmp_path):
 
 def test_factory_vp_v_prediction_with_safetensors(factory, registry):
     path, weights, net = factory
-    d = load_model(registry, f"factory:{path}:build;weights={weights};kind=vp;prediction=v;channels=6", CPU)
+    spec = f"factory:{path}:build;weights={weights};kind=vp;prediction=v;channels=6"
+    d = load_model(spec, CPU, registry=registry)
     check_contract(d, (1, 8, 8))
     # VP (Song et al. 2021; EDM Table 1) by hand: x_vp, t(sigma), v -> x0
     beta_d, beta_min = 19.9, 0.1
@@ -459,10 +461,10 @@ def test_factory_vp_v_prediction_with_safetensors(factory, registry):
 
 def test_factory_discrete_and_ready_denoisers(factory, registry):
     path = factory[0]
-    d = load_model(registry, f"factory:{path}:build_discrete", CPU)
+    d = load_model(f"factory:{path}:build_discrete", CPU, registry=registry)
     check_contract(d, (1, 8, 8))
     assert d.sigma_min == pytest.approx(math.sqrt(1e-4 / (1 - 1e-4))) and d.prediction == "epsilon"
-    ready = load_model(registry, f"factory:{path}:build_denoiser", CPU)
+    ready = load_model(f"factory:{path}:build_denoiser", CPU, registry=registry)
     assert type(ready).__name__ == "GaussianMixture" and ready.shape == (1, 8, 8)
 
 

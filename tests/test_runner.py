@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
+from bench import Method, Spec
 from bench.contracts import resolve_options
 from bench.errors import UsageError
 from bench.models import gaussian
 from bench.plugins import load_registry
-from bench.runner import Method, RunConfig, Spec, run
+from bench.runner import RunConfig, run
 from bench.seeding import SampleNoise
 from bench.store import RESULTS, Run, read_records
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench import load_model
 from bench.plugins import load_registry
-from bench.runner import load_model
 from bench.testing import random_unet
 from bench.throughput import Accelerated, accelerate, full_precision
 
@@ -54,7 +54,7 @@ def test_throughput_model_is_the_ddpm_cifar10_unet_with_random_weights():
     registry = load_registry()
     source = registry.get("models", "throughput-ddpm-cifar10")
     assert source.default_metrics == () and "RANDOM WEIGHTS" in source.description
-    model = load_model(registry, "throughput-ddpm-cifar10", torch.device("cpu"))
+    model = load_model("throughput-ddpm-cifar10", torch.device("cpu"), registry=registry)
     facts = model.describe()
     assert facts["parameters"] == 35_746_307  # google/ddpm-cifar10-32's UNet2DModel
     assert "random" in facts["weights"] and facts["timesteps"] == 1000 and model.shape == (3, 32, 32)
@@ -62,13 +62,13 @@ def test_throughput_model_is_the_ddpm_cifar10_unet_with_random_weights():
         x0 = model(torch.randn(1, 3, 32, 32) * 10.0, 10.0)
     assert x0.shape == (1, 3, 32, 32) and bool(torch.isfinite(x0).all())
     # The seed picks the random network
-    other = load_model(registry, "throughput-ddpm-cifar10:1", torch.device("cpu"))
+    other = load_model("throughput-ddpm-cifar10:1", torch.device("cpu"), registry=registry)
     assert not torch.equal(model.net.conv_in.weight, other.net.conv_in.weight)
 
 
 def test_noise_drawn_ahead_is_the_same_stream():
     """The runner draws a stochastic sampler's noise before timing it: same numbers, in order."""
-    from bench.runner import NoiseAhead
+    from bench.cell import NoiseAhead
     from bench.seeding import SampleNoise
 
     lazy = SampleNoise(3, range(5), (1, 4, 4), "cpu")

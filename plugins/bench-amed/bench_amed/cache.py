@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bench.nfe import CountingDenoiser
+from bench import CountingDenoiser
 
 from . import __version__
 from .predictor import AMEDPredictor, PredictorConfig, weights_are_finite

@@ -25,15 +25,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
-from bench_classic.samplers import sample_euler, sample_heun
 from torch import Tensor
 
 from bench.errors import UsageError
+from bench.solvers import euler_step, heun_step
 
 from .predictor import AMEDPredictor, PredictorConfig, bottleneck_summary
 from .solvers import amed_interval
 
-TEACHERS = {"heun": sample_heun, "euler": sample_euler}
+TEACHERS = {"heun": heun_step, "euler": euler_step}  # one step of each, bench.solvers
 LOSSES = ("auto", "step", "trajectory")
 RHO = 7.0  # the teacher's grid refines the schedule in sigma^(1/RHO)
 
@@ -85,7 +85,12 @@ def teacher_points(model, x_T: Tensor, sigmas: Tensor, options: FitOptions) -> l
         if (info["i"] + 1) % stride == 0:
             points.append(info["x"])
 
-    TEACHERS[options.teacher](model, x_T, refine(sigmas, stride - 1), callback=keep)
+    # The teacher's steps over the refined grid, keeping the points at the student's sigmas
+    step, fine, x = TEACHERS[options.teacher], [float(s) for s in refine(sigmas, stride - 1)], x_T
+    with torch.no_grad():
+        for i in range(len(fine) - 1):
+            x = step(model, x, fine[i], fine[i + 1])
+            keep({"i": i, "x": x})
     return points
 
 

@@ -1,19 +1,49 @@
-"""Registers AMED-Solver, the AMED-Plugin variants and `bench fit` with sampler-bench."""
+"""Registers AMED-Solver, the AMED-Plugin variants and `bench fit` with sampler-bench.
+
+Import-light on purpose: `bench --help` loads every plugin module, so the samplers (and
+torch with them) are imported only when a hook asks for them.
+"""
 
 from __future__ import annotations
 
-from bench import hookimpl
+from pathlib import Path
 
-from . import command
-from .samplers import SAMPLERS
+from bench import deferred, hookimpl
 
 
 @hookimpl
 def register_samplers(register):
+    from .samplers import SAMPLERS
+
     for sampler in SAMPLERS:
         register(sampler)
 
 
 @hookimpl
 def register_commands(subparsers):
-    command.add_fit_command(subparsers)
+    add_fit_command(subparsers)
+
+
+def add_fit_command(subparsers) -> None:
+    p = subparsers.add_parser("fit", help="fit AMED predictors ahead of time (bench run reuses them)")
+    p.add_argument(
+        "--samplers",
+        default="all",
+        help="comma list of AMED samplers name[:key=value...], or 'all' (every AMED sampler)",
+    )
+    p.add_argument("--nfe", default="5,10,20", help="comma list of NFE budgets (default 5,10,20)")
+    p.add_argument("--model", default=None, help="model spec name[:arg] (default: bench run's default)")
+    p.add_argument(
+        "--schedule", default="default", help="schedule name[:key=value]; 'default' is the sampler's own"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory to write to (default: the AMED cache, $BENCH_CACHE/amed, "
+        "else ~/.cache/sampler-bench/amed)",
+    )
+    p.add_argument("--force", action="store_true", help="refit even where a valid predictor exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=deferred("bench_amed.command:cmd_fit"))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from bench_classic.budgets import plan_steps
-
 from bench import Plan, Sampler
+from bench.solvers import plan_steps
 
 from .prepare import prepare
 from .solvers import sample_amed

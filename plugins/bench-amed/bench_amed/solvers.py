@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from bench_classic.multistep import ADAMS_BASHFORTH
-from bench_classic.samplers import to_d
 from torch import Tensor
 
 from bench.errors import UsageError
+from bench.solvers import ADAMS_BASHFORTH, afs_d, dpmpp_step, to_d
 
 from .predictor import AMEDPredictor, bottleneck_summary, midpoint
 
@@ -76,7 +75,7 @@ def evaluate(model, x: Tensor, sigma: Tensor, at: Tensor | None = None, feature:
 
 def analytical_first_step(x: Tensor, sigma: Tensor, predictor: AMEDPredictor | None) -> Evaluation:
     """AFS (Zhou et al. 2024): d = x / sqrt(1 + sigma^2) without a network call; zero bottleneck."""
-    d = x / (1 + sigma**2).sqrt()
+    d = afs_d(x, sigma)
     feature = None
     if predictor is not None and predictor.uses_bottleneck:
         feature = x.new_zeros(len(x), predictor.config.feature_dim)
@@ -169,16 +168,8 @@ class DPMPP2MPlugin(PluginBase):
         order = min(2, len(hist.outputs), k)
         if self.lower_order_final:
             order = min(order, hist.total - k + 1)
-        # First-order part: x_to = (sigma_to / sigma_from) x - scale phi_1 x0, phi_1 = e^-h - 1
-        h = (sigma_from / sigma_to).log()
-        phi_1 = torch.expm1(-h)
-        x0_0 = hist.outputs[-1]
-        if order == 1:
-            return (sigma_to / sigma_from) * x - scale * phi_1 * x0_0
-        # Second-order correction from the previous x0 (multistep, ratio of lambda steps)
-        r0 = (hist.sigmas[-2] / sigma_from).log() / h
-        d1 = (x0_0 - hist.outputs[-2]) / r0
-        return (sigma_to / sigma_from) * x - scale * phi_1 * (x0_0 + d1 / 2)
+        # DPM-Solver++ of that order on the stored data predictions, c scaling the update
+        return dpmpp_step(x, sigma_to, hist.sigmas[-order:], hist.outputs[-order:], scale=scale)
 
 
 def make_base(name: str, options: dict[str, Any]):

@@ -15,10 +15,11 @@ import torch
 from bench_amed.prepare import prepare
 from bench_amed.samplers import BASES
 
+from bench import Spec, load_model
+from bench.cell import make_sigmas
 from bench.contracts import resolve_options
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
-from bench.runner import Spec, load_model, make_sigmas
 
 TARGET_S = 300.0
 
@@ -26,7 +27,7 @@ TARGET_S = 300.0
 @pytest.fixture(scope="module")
 def digits():
     registry = load_registry()
-    return registry, load_model(registry, "digits", torch.device("cpu"))
+    return registry, load_model("digits", torch.device("cpu"), registry=registry)
 
 
 @pytest.mark.parametrize("nfe", [5, 10, 20])

@@ -21,10 +21,10 @@ from bench_amed.solvers import sample_amed
 from bench_classic.samplers import sample_heun
 from bench_classic.schedules import karras
 
+from bench import load_model
 from bench.contracts import resolve_options
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
-from bench.runner import load_model
 from bench.seeding import SampleNoise
 
 NAME = "amed-plugin-ipndm"
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     registry = load_registry()
-    model = load_model(registry, args.model, torch.device("cpu"))
+    model = load_model(args.model, torch.device("cpu"), registry=registry)
     sampler = registry.get("samplers", NAME)
     eps = SampleNoise(0, range(300), model.shape, "cpu")()
     out = Path(tempfile.mkdtemp())

@@ -16,12 +16,13 @@ from bench_amed.solvers import sample_amed
 from bench_classic.schedules import karras
 from safetensors.torch import load_file
 
+from bench import Method, Spec, load_model
 from bench.cli import build_parser, main
 from bench.contracts import resolve_options
 from bench.errors import UsageError
 from bench.models import mixture
 from bench.nfe import CountingDenoiser
-from bench.runner import Method, RunConfig, Spec, load_model, run
+from bench.runner import RunConfig, run
 
 
 def spec(name: str, options: dict) -> str:
@@ -68,7 +69,7 @@ def test_fitted_amed_solver_beats_euler_dpm_solver_2_and_ipndm_at_5_nfe(registry
 
 def prepare_cell(registry, name, nfe, options, model=None):
     """(prepared options, fit calls) for one cell, as the runner prepares it."""
-    model = model or load_model(registry, "mixture", torch.device("cpu"))
+    model = model or load_model("mixture", torch.device("cpu"), registry=registry)
     sampler = registry.get("samplers", name)
     options = resolve_options("sampler", name, sampler.options, options)
     plan = sampler.plan(nfe, options)
@@ -229,7 +230,7 @@ def test_bottleneck_predictor_on_a_unet_that_exposes_its_bottleneck(registry, tm
     assert record["status"] == "ok" and record["nfe_counted"] == 5
     assert record["prepared"]["predictor_kind"] == "bottleneck"
     # The fitted predictor gives each sample its own intermediate point
-    unet = load_model(registry, model, torch.device("cpu"))
+    unet = load_model(model, torch.device("cpu"), registry=registry)
     prepared, _ = prepare_cell(registry, "amed-plugin-ipndm", 5, tiny_fit, model=unet)
     predictor = prepared["fitted_predictor"]
     x = torch.randn(6, 1, 8, 8) * 9.7
@@ -246,7 +247,7 @@ def test_bottleneck_predictor_on_a_unet_that_exposes_its_bottleneck(registry, tm
 def test_committed_predictors_serve_the_shipped_digits_model(registry):
     """The package's predictors match the shipped digits weights at the default budgets, so
     the default run fits nothing. If the weights change, rerun the README's `bench fit`."""
-    model = load_model(registry, "digits", torch.device("cpu"))
+    model = load_model("digits", torch.device("cpu"), registry=registry)
     for name in ("amed-solver", "amed-plugin-euler", "amed-plugin-ipndm", "amed-plugin-dpm++2m"):
         sampler = registry.get("samplers", name)
         for nfe in (5, 10, 20):

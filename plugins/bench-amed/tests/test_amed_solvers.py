@@ -122,4 +122,4 @@ def test_conformance(name, tiny_fit):
     check_shapes(case, 5)
     check_determinism(case, 5)
     check_batch_invariance(case, 5)
-    assert case.prepared[5]["predictor_source"] == "fitted"
+    assert case.solver(5).prepared["predictor_source"] == "fitted"

@@ -19,21 +19,7 @@ from typing import Any
 
 from bench import Plan
 from bench.errors import Infeasible, UsageError
-
-TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def switch(options: Mapping[str, Any], key: str) -> bool | None:
-    """An auto/true/false option: None for auto."""
-    value = options.get(key, False)
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text == "auto":
-        return None
-    if text in TRUE + FALSE:
-        return text in TRUE
-    raise UsageError(f"option {key}={value}: use auto, true or false")
+from bench.solvers import plan_steps, switch
 
 
 def choose(options: Mapping[str, Any], key: str, allowed: tuple) -> Any:
@@ -42,24 +28,6 @@ def choose(options: Mapping[str, Any], key: str, allowed: tuple) -> Any:
     if value not in allowed:
         raise UsageError(f"option {key}={value}: use one of {', '.join(map(str, allowed))}")
     return value
-
-
-def plan_steps(nfe: int, options: Mapping[str, Any], cost: int = 1) -> Plan:
-    """Steps for a method step of `cost` NFE: NFE = cost * core steps + denoise_to_zero - afs."""
-    dtz = bool(options.get("denoise_to_zero", True))
-    has_afs = "afs" in options
-    afs = switch(options, "afs") if has_afs else False
-    for use_afs in [False, True] if afs is None else [afs]:
-        core, rest = divmod(nfe - dtz + use_afs, cost)
-        if rest == 0 and core >= use_afs and core + dtz >= 1:
-            return Plan(steps=core + dtz, nfe=nfe, to_zero=dtz, options={"afs": use_afs} if has_afs else {})
-    rule = f"{cost} * steps" + (" - 1 (the step to 0 costs 1)" if dtz and cost > 1 else "")
-    rule += " - 1 (AFS)" if afs else ""
-    hint = "; afs=auto reaches it" if afs is not None and has_afs else ""
-    raise Infeasible(
-        f"with afs={options.get('afs', False)}, denoise_to_zero={dtz} this sampler spends "
-        f"NFE = {rule}: {nfe} is not of that form{hint}"
-    )
 
 
 def plan_one(nfe: int, options: Mapping[str, Any]) -> Plan:

@@ -17,17 +17,10 @@ import torch
 from torch import Tensor
 
 from bench import Denoiser
+from bench.solvers import ADAMS_BASHFORTH, dpmpp_step, to_d
 
-from .samplers import denoise, floats, report, to_d
+from .samplers import denoise, floats, report
 from .schedules import vp_fit, vp_time
-
-# Adams-Bashforth coefficients on an equal grid, newest slope first (iPNDM, Zhang & Chen 2023)
-ADAMS_BASHFORTH = {
-    1: (1.0,),
-    2: (3 / 2, -1 / 2),
-    3: (23 / 12, -16 / 12, 5 / 12),
-    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
-}
 
 
 def step_order(order: int, i: int, steps: int, lower_order_final: bool) -> int:
@@ -48,37 +41,6 @@ def lincomb(terms: Iterable[tuple[float, Tensor]]) -> Tensor:
 
 
 # --- DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling") -----
-
-
-def dpmpp_update(
-    x: Tensor, sigma_t: float, sigmas: list[float], ms: list[Tensor], d2: str = "reference"
-) -> Tensor:
-    """Multistep DPM-Solver++ of order len(ms) (1-3) in data prediction; `sigmas`, `ms` are
-    the last points, newest last (Lu et al. 2022b, Algorithm 2 and its third-order form).
-
-    The reference code's third-order term is phi_3 * D2 with D2 ~ h^2 m''/2, half of what
-    integrates a quadratic m exactly, so it is second order asymptotically; d2="taylor"
-    doubles it (the factor the singlestep 'taylor' update has), giving third order."""
-    sigma_s0 = sigmas[-1]
-    m = np.eye(len(ms))  # m[0] = m0 (newest), m[1] = m_(-1), m[2] = m_(-2), as coefficients
-    h = math.log(sigma_s0 / sigma_t)
-    phi_1 = math.expm1(-h)
-    coeff = -phi_1 * m[0]
-    if len(ms) >= 2:
-        # First divided difference of the data predictions, in units of h
-        r0 = math.log(sigmas[-2] / sigma_s0) / h
-        D1_0 = (m[0] - m[1]) / r0
-        coeff = coeff - 0.5 * phi_1 * D1_0
-    if len(ms) == 3:
-        # Third order: a second divided difference replaces the midpoint term
-        r1 = math.log(sigmas[-3] / sigmas[-2]) / h
-        D1_1 = (m[1] - m[2]) / r1
-        D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
-        D2 = (D1_0 - D1_1) / (r0 + r1)
-        phi_2 = phi_1 / h + 1
-        phi_3 = phi_2 / h - 0.5
-        coeff = -phi_1 * m[0] + phi_2 * D1 - (2 if d2 == "taylor" else 1) * phi_3 * D2
-    return lincomb([(sigma_t / sigma_s0, x), *zip(coeff, reversed(ms), strict=True)])
 
 
 @torch.no_grad()
@@ -107,7 +69,7 @@ def sample_dpmpp(
             x = denoised
         else:
             k = step_order(order, i, len(s) - 1, lower_order_final)
-            x = dpmpp_update(x, s[i + 1], s[: i + 1][-k:], ms[-k:], d2)
+            x = dpmpp_step(x, s[i + 1], s[: i + 1][-k:], ms[-k:], d2)
         report(callback, i, x, s[i], s[i + 1], denoised)
     return x
 

@@ -15,13 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from bench import Denoiser
-from bench.contracts import NoiseFn
-
-
-def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
-    """dx/dsigma of the probability-flow ODE (Karras et al. 2022, eq. 3)."""
-    return (x - denoised) / sigma
+from bench import Denoiser, NoiseFn
+from bench.solvers import afs_d, to_d
 
 
 def floats(sigmas: Tensor | list[float]) -> list[float]:
@@ -34,7 +29,7 @@ def denoise(model: Denoiser, x: Tensor, sigma: float, afs: bool = False) -> Tens
     d = x / sqrt(1 + sigma^2), i.e. D = x - sigma d, and no network call. Samplers pass
     `afs is True` on their first step: an undecided afs="auto" (no planner) means no AFS."""
     if afs:
-        return x - sigma / math.sqrt(1 + sigma**2) * x
+        return x - sigma * afs_d(x, sigma)
     return model(x, sigma)
 
 

@@ -20,11 +20,12 @@ import time
 import pytest
 import torch
 
+from bench import Spec
 from bench.adapters import Preconditioned
+from bench.cell import make_sigmas
 from bench.contracts import resolve_options
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
-from bench.runner import Spec, make_sigmas
 from bench.seeding import SampleNoise
 from bench.testing import samplers_of
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench import Spec
+from bench.cell import make_sigmas
 from bench.contracts import resolve_options
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
-from bench.runner import Spec, make_sigmas
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench import cli
+from bench import Method, Spec, cli
 from bench.errors import Infeasible, UsageError
-from bench.runner import Method, RunConfig, Spec, run
+from bench.runner import RunConfig, run
 from bench.testing import samplers_of
 
 BUDGETS = list(range(3, 21))
@@ -96,7 +96,7 @@ def test_bad_option_values_are_usage_errors_and_impossible_budgets_infeasible(re
 
 
 def test_bench_list_shows_every_nfe_rule(registry, capsys, monkeypatch):
-    monkeypatch.setattr(cli.out, "width", 400)
+    monkeypatch.setattr(cli._c.out, "width", 400)
     assert cli.main(["list", "samplers"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for name in samplers_of("bench-classic"):

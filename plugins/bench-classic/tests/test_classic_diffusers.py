@@ -22,10 +22,10 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from bench import Spec
 from bench.adapters import DiscreteVP
 from bench.contracts import resolve_options
 from bench.models import mixture
-from bench.runner import Spec
 from bench.seeding import SampleNoise
 
 DDPM = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}

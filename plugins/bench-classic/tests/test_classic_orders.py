@@ -15,11 +15,11 @@ import math
 
 import pytest
 import torch
-from bench_classic.multistep import dpmpp_update
 
 from bench.metrics import reference_solve
 from bench.models import mixture
 from bench.seeding import SampleNoise
+from bench.solvers import dpmpp_step
 
 BUDGETS = (10, 20, 40, 80)
 # (spec, lowest order accepted from 20 to 80 NFE, lowest accepted from 10 to 20 NFE)
@@ -104,9 +104,9 @@ def test_dpmpp3m_third_order_term_on_a_quadratic():
     ms = [torch.tensor([(u - lam[-1]) ** 2 / 2], dtype=torch.float64) for u in lam]
     x = torch.zeros(1, dtype=torch.float64)
     quad = h**2 / 2 - h + 1 - math.exp(-h)  # int_0^h e^(u - h) u^2 / 2 du
-    assert float(dpmpp_update(x, sigma_t, sigmas, ms, d2="taylor")) == pytest.approx(quad, rel=1e-12)
-    assert float(dpmpp_update(x, sigma_t, sigmas, ms)) == pytest.approx(quad / 2, rel=1e-12)
+    assert float(dpmpp_step(x, sigma_t, sigmas, ms, d2="taylor")) == pytest.approx(quad, rel=1e-12)
+    assert float(dpmpp_step(x, sigma_t, sigmas, ms)) == pytest.approx(quad / 2, rel=1e-12)
     # Constant and linear m are exact either way
     lin = [torch.tensor([u - lam[-1]], dtype=torch.float64) for u in lam]
     exact = h - 1 + math.exp(-h)
-    assert float(dpmpp_update(x, sigma_t, sigmas, lin)) == pytest.approx(exact, rel=1e-12)
+    assert float(dpmpp_step(x, sigma_t, sigmas, lin)) == pytest.approx(exact, rel=1e-12)

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from bench.contracts import Denoiser
+from bench import Denoiser, DenoiserWrapper
 from bench.errors import NotApplicable, UsageError
 
 from . import tuned
@@ -25,22 +25,16 @@ OPTIONS = {"rho_bottom": None, "rho_top": None}
 REACHABLE = "the digits UNet, diffusers UNet2DModel, EDM SongUNet/DhariwalUNet"
 
 
-class SkipTuned(Denoiser):
+class SkipTuned(DenoiserWrapper):
     """D(x, sigma) of `inner` with skip k of its UNet scaled by factors[k] (innermost first)."""
 
     def __init__(self, inner: Denoiser, layout: SkipLayout, factors: Sequence[float], applied: str) -> None:
-        super().__init__()
-        self.inner, self.layout, self.factors, self.applied = inner, layout, list(factors), applied
-        self.sigma_min, self.sigma_max, self.sigma_data = inner.sigma_min, inner.sigma_max, inner.sigma_data
-        self.shape, self.spec, self.has_bottleneck = tuple(inner.shape), inner.spec, inner.has_bottleneck
-        self.net = inner.net
+        super().__init__(inner)
+        self.layout, self.factors, self.applied = layout, list(factors), applied
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         with scaled_skips(self.layout, self.factors):
             return self.inner(x, sigma, **cond)
-
-    def round_sigma(self, sigma: Tensor | float) -> Tensor:
-        return self.inner.round_sigma(sigma)
 
     def describe(self) -> dict[str, Any]:
         return {**self.inner.describe(), "skip_tuning": self.factors}

@@ -27,55 +27,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.errors import UsageError
-from bench.plugins import Registry
-from bench.runner import Method, RunConfig, Spec, load_model, parse_nfe, resolve_device, run
-from bench.store import Run
+import bench
+from bench import Method, Run, Spec, UsageError, load_model, parse_nfe
 
 from . import __version__, tuned
 from .modifier import layout_of
 
-DEFAULT_MODEL = "digits"
 MAX_MOVES = 12  # compass-search moves per (sampler, budget)
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser("skip-tune", help="search skip-tuning factors for a model, sampler and budget")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
-    p.add_argument(
-        "--samplers", default="euler", help="comma list of samplers name[:key=value] (default euler)"
-    )
-    p.add_argument("--nfe", default="5,10", help="comma list of NFE budgets (default 5,10)")
-    p.add_argument(
-        "--schedule", default="default", help="schedule name[:key=value]; 'default' is the sampler's"
-    )
-    p.add_argument(
-        "--metric", default=None, help="metric to minimise or maximise (default: the model's first)"
-    )
-    p.add_argument("--num-samples", type=int, default=500, help="samples per candidate (default 500)")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=100_000, help="seed of the search samples (default 100000)")
-    p.add_argument(
-        "--rho-bottom",
-        default="0.7,0.85,1.0,1.15,1.3",
-        help="comma list of rho_bottom values of the coarse grid (default 0.7,0.85,1.0,1.15,1.3)",
-    )
-    p.add_argument(
-        "--rho-top",
-        default="0.85,1.0,1.15",
-        help="comma list of rho_top values of the coarse grid (default 0.85,1.0,1.15)",
-    )
-    p.add_argument("--refine", type=int, default=3, help="step halvings of the compass search (default 3)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"factors file to write (default {tuned.cache_dir()}/<model>.json)",
-    )
-    p.set_defaults(func=cmd_skip_tune)
 
 
 def parse_values(text: str, what: str) -> list[float]:
@@ -98,7 +58,7 @@ def method(sampler: Spec, schedule: Spec | None, rho: tuple[float, float] | None
 
 
 def evaluate(
-    registry: Registry,
+    registry,
     args,
     sampler: Spec,
     schedule: Spec | None,
@@ -110,18 +70,10 @@ def evaluate(
     """{rho (or None): (metric value, higher is better)} through the runner, same noise for all."""
     default = registry.get("samplers", sampler.name).default_schedule
     labels = {p: method(sampler, schedule, p).label(default) for p in points}
-    config = RunConfig(
-        models=[args.model],
-        methods=[method(sampler, schedule, p) for p in points],
-        nfe=[nfe],
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        metrics=[metric],
-        out=work,
-    )
-    run(registry, config)
+    variants = ["+".join(map(str, method(sampler, schedule, p).modifiers)) or "none" for p in points]
+    bench.run(model=args.model, samplers=str(sampler), schedule=str(schedule or "default"),
+              modifiers=variants, nfe=[nfe], num_samples=args.num_samples, batch_size=args.batch_size,
+              seed=args.seed, device=args.device, metrics=metric, out=work, report="")
     records = {r["method"]: r for r in Run.open(work).records if r["nfe"] == nfe}
     return {p: metric_value(records[label], metric) for p, label in labels.items()}
 
@@ -160,7 +112,7 @@ def grid_step(values: list[float]) -> float:
 
 
 def search(
-    registry: Registry, args, sampler: Spec, schedule: Spec | None, nfe: int, metric: str, work: Path
+    registry, args, sampler: Spec, schedule: Spec | None, nfe: int, metric: str, work: Path
 ) -> tuple[tuple[float, float], dict[Any, tuple[float, bool]]]:
     """(best rho, every score): a coarse grid, then a compass search from its best point:
     the 3x3 neighbours at the current step; move while a neighbour is better (so the search
@@ -208,11 +160,11 @@ def command_line(args: argparse.Namespace) -> str:
     return "bench " + shlex.join(argv)
 
 
-def cmd_skip_tune(registry: Registry, args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
+def cmd_skip_tune(registry, args: argparse.Namespace) -> int:
+    device = args.device
     if args.num_samples < 2:
         raise UsageError("--num-samples must be at least 2")
-    denoiser = load_model(registry, args.model, device)
+    denoiser = load_model(args.model, device, registry=registry)
     layout = layout_of(denoiser)  # one-line error for a model without reachable skips
     fp = tuned.fingerprint(denoiser.net)
     source = registry.get("models", args.model.partition(":")[0])

@@ -18,11 +18,11 @@ from bench_skip_tuning.skips import find_layout, skip_factors
 from torch import nn
 from torch.nn import functional as F
 
+from bench import load_model
 from bench.errors import NotApplicable
-from bench.loaders import EDMNetwork
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
-from bench.runner import load_model
+from bench.sources.edm import EDMNetwork
 from bench.testing import single_threaded
 
 CPU = torch.device("cpu")
@@ -178,7 +178,7 @@ def check_left_intact(denoiser, tuned, x, sigma):
 
 @single_threaded
 def test_digits_unet(registry):
-    denoiser = load_model(registry, "digits", CPU)
+    denoiser = load_model("digits", CPU, registry=registry)
     net = denoiser.net
     assert find_layout(net).kind == "digits-unet"
     x, sigma = torch.randn(3, 1, 8, 8) * 2, torch.full((3,), 2.0)
@@ -210,7 +210,7 @@ def test_diffusers_unet2dmodel(registry, tmp_path):
     )
     unet.save_pretrained(tmp_path)
     DDPMScheduler().save_pretrained(tmp_path)
-    denoiser = load_model(registry, f"diffusers:{tmp_path}", CPU)
+    denoiser = load_model(f"diffusers:{tmp_path}", CPU, registry=registry)
     net = denoiser.net
     assert find_layout(net).kind == "diffusers-unet"
     x, sigma = torch.randn(2, 1, 8, 8) * 3, torch.full((2,), 3.0)
@@ -262,6 +262,6 @@ def test_edm_songunet_layout():
 
 @single_threaded
 def test_no_reachable_skips_is_not_applicable(registry):
-    mixture = CountingDenoiser(load_model(registry, "mixture", CPU))
+    mixture = CountingDenoiser(load_model("mixture", CPU, registry=registry))
     with pytest.raises(NotApplicable, match="^skip-tuning is not applicable to model 'mixture': .*skips"):
         apply(mixture, rho_bottom=0.9, rho_top=1.1)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from bench_skip_tuning import tuned
 
+from bench import load_model
 from bench.cli import main
 from bench.plugins import load_registry
-from bench.runner import load_model
 from bench.store import Run
 from bench.testing import single_threaded
 
@@ -122,7 +122,7 @@ def test_committed_factors_cover_the_evidence_cells():
     assert {("euler", 5), ("euler", 10), ("dpm++2m", 5), ("dpm++2m", 10)} <= {
         (e["sampler"], e["nfe"]) for e in entries
     }
-    weights = tuned.fingerprint(load_model(load_registry(), "digits", torch.device("cpu")).net)
+    weights = tuned.fingerprint(load_model("digits", torch.device("cpu"), registry=load_registry()).net)
     for e in entries:
         assert e["model"] == "digits" and e["value"] < e["untuned_value"], e
         assert e["fingerprint"] == weights, (

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from bench.contracts import Denoiser
+from bench import Denoiser, DenoiserWrapper
 from bench.errors import NotApplicable, UsageError
 
 OPTIONS = {"m": 2, "w": 1.0, "eta": 0.5}
@@ -63,16 +63,14 @@ def vp_sigma(t: float) -> float:
     return math.sqrt(math.expm1(0.5 * BETA_D * t**2 + BETA_MIN * t))
 
 
-class UpsampleGuided(Denoiser):
+class UpsampleGuided(DenoiserWrapper):
     """D_g(x, sigma) at m times the resolution of `inner` (see the module docstring)."""
 
     def __init__(self, inner: Denoiser, m: int, w: float, eta: float) -> None:
-        super().__init__()
-        self.inner, self.m, self.w, self.eta = inner, m, w, eta
+        super().__init__(inner)
+        self.m, self.w, self.eta = m, w, eta
         c, h, wd = inner.shape
-        self.sigma_min, self.sigma_max, self.sigma_data = inner.sigma_min, inner.sigma_max, inner.sigma_data
-        self.shape, self.spec, self.has_bottleneck = (c, m * h, m * wd), inner.spec, False
-        self.net = inner.net
+        self.shape, self.has_bottleneck = (c, m * h, m * wd), False
         # Guidance is on above this time on the VP axis (never when w = 0)
         self.t_on = (1 - eta) * float(vp_time(inner.sigma_max))
         self.sigma_on = vp_sigma(self.t_on)
@@ -98,9 +96,6 @@ class UpsampleGuided(Denoiser):
         # Replace (w = 1) or push (w > 1) the low frequencies of D toward it
         w = self.w * active.to(x.dtype).reshape(-1, 1, 1, 1)
         return d_full + w * upsample(d_low - pool(d_full, self.m), self.m)
-
-    def round_sigma(self, sigma: Tensor | float) -> Tensor:
-        return self.inner.round_sigma(sigma)
 
     def describe(self) -> dict[str, Any]:
         return {

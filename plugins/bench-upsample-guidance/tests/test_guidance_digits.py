@@ -21,11 +21,11 @@ import torch
 from bench_upsample_guidance.guidance import apply, pool, upsample, vp_time
 
 from bench import digits_classifier as dc
+from bench import load_model
 from bench.cli import main
 from bench.contracts import resolve_options
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
-from bench.runner import load_model
 from bench.seeding import SampleNoise
 from bench.store import Run
 from bench.testing import single_threaded
@@ -42,7 +42,7 @@ def registry():
 
 @pytest.fixture(scope="module")
 def digits(registry):
-    return load_model(registry, MODEL, CPU)
+    return load_model(MODEL, CPU, registry=registry)
 
 
 def solve(registry, name: str, model, eps: torch.Tensor, steps: int, scale: float = 1.0) -> torch.Tensor:

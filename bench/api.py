@@ -1,0 +1,141 @@
+"""The Python API: `bench.run(...)` and `bench.load(run_dir)`, with the CLI's option names
+and defaults (`bench run --num-samples 64` is `bench.run(num_samples=64)`).
+
+Both return a pandas DataFrame with the columns of results.csv, one row per cell; the run
+directory is `frame.attrs["run_dir"]`. The command line builds its run the same way
+(`config_from`), so the two give the same cells and the same numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "digits"  # the embedded UNet (MODEL_CARD.md)
+DEFAULT_REPORTERS = "console,csv,markdown,html"
+
+# `bench run`'s options and their defaults; argparse reads its defaults from here
+DEFAULTS: dict[str, Any] = {
+    "samplers": "all",
+    "nfe": "5,10,20",
+    "model": DEFAULT_MODEL,
+    "schedule": "default",
+    "modifiers": "none",
+    "num_samples": 256,
+    "batch_size": 256,
+    "seed": 0,
+    "device": "cpu",
+    "metrics": None,
+    "report": DEFAULT_REPORTERS,
+    "out": None,
+    "dtype": "fp32",
+    "channels_last": False,
+    "compile": False,
+    "shard": None,
+    "trust_pickle": False,
+    "fid_weights": None,
+    "ref_stats": None,
+}
+
+
+def split_specs(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """`a,b` or ["a", "b"] -> ["a", "b"]."""
+    parts = text.split(",") if isinstance(text, str) else [str(t) for t in text]
+    return [part.strip() for part in parts if part.strip()]
+
+
+def methods_from(registry, samplers, schedule, modifiers):
+    """The grid's methods: samplers x schedules x modifier chains."""
+    from .cell import Method, Spec
+    from .errors import UsageError
+
+    names = split_specs(samplers)
+    if not names:
+        raise UsageError("--samplers is empty; name samplers or use 'all'")
+    specs = [Spec(n) for n in registry.names("samplers")] if names == ["all"] else [
+        Spec.parse(n) for n in names]
+    if not specs:
+        raise UsageError("no samplers are installed; install a plugin such as bench-classic")
+    schedules = [None if s == "default" else Spec.parse(s) for s in split_specs(schedule)]
+    chains = [() if v == "none" else tuple(Spec.parse(m) for m in v.split("+"))
+              for v in split_specs(modifiers)]
+    return [Method(s, sch, ch) for ch in chains for s in specs for sch in schedules]
+
+
+def parse_nfe(value: str | int | list[int] | tuple[int, ...]) -> list[int]:
+    """`5,10,20` (or [5, 10, 20]) -> [5, 10, 20]; anything else is a UsageError."""
+    from .errors import UsageError
+
+    parts = split_specs(value) if isinstance(value, str | list | tuple) else [str(value)]
+    values = []
+    for part in parts:
+        if not (part.isascii() and part.isdigit()) or int(part) < 1:
+            raise UsageError(f"--nfe: '{part}' is not a positive integer; give a comma list such as 5,10,20")
+        values.append(int(part))
+    return list(dict.fromkeys(values))
+
+
+def config_from(registry, command: str = "", **options: Any):
+    """A RunConfig from `bench run`'s options (DEFAULTS for those not given)."""
+    from .distributed import parse_shard
+    from .errors import UsageError
+    from .runner import RunConfig
+
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise UsageError(f"bench.run: unknown option(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(DEFAULTS)}")
+    o = {**DEFAULTS, **options}
+    return RunConfig(
+        models=split_specs(o["model"]),
+        methods=methods_from(registry, o["samplers"], o["schedule"], o["modifiers"]),
+        nfe=parse_nfe(o["nfe"]),
+        num_samples=o["num_samples"],
+        batch_size=o["batch_size"],
+        seed=o["seed"],
+        device=o["device"],
+        metrics=split_specs(o["metrics"]) if o["metrics"] else None,
+        out=Path(o["out"]) if o["out"] is not None else None,
+        command=command,
+        model_options={"trust_pickle": bool(o["trust_pickle"])},
+        metric_options={k: str(o[k]) for k in ("fid_weights", "ref_stats") if o[k]},
+        dtype=o["dtype"],
+        channels_last=bool(o["channels_last"]),
+        compile=bool(o["compile"]),
+        shard=parse_shard(o["shard"]) if o["shard"] else (0, 1),
+    )
+
+
+def run(**options: Any):
+    """Run a grid as `bench run` does (same option names and defaults; lists may replace
+    comma strings) and return its results as a DataFrame, `attrs["run_dir"]` its directory.
+    Reporters named by `report` render as on the command line (`report=""` for none)."""
+    from .plugins import registry
+    from .runner import run as run_grid
+    from .store import Run
+
+    reg = registry()
+    args = " ".join(f"{k}={v!r}" for k, v in options.items())
+    config = config_from(reg, command=f"bench.run({args})", **options)
+    reporters = [reg.get("reporters", name) for name in split_specs(options.get("report", DEFAULT_REPORTERS))]
+    run_dir, _ = run_grid(reg, config)
+    result = Run.open(run_dir)
+    for reporter in reporters:
+        from rich.console import Console
+
+        reporter.render(result, Console(highlight=False))
+    return _frame(result)
+
+
+def load(run_dir: str | Path):
+    """A finished run's results as the DataFrame `bench.run` returns."""
+    from .store import Run
+
+    return _frame(Run.open(run_dir))
+
+
+def _frame(result):
+    frame = result.frame()
+    frame.attrs["run_dir"] = Path(result.dir)
+    return frame
+

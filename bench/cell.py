@@ -1,0 +1,406 @@
+"""One cell, built in one place: what identifies it (`CellSpec`) and how it is set up
+(`build`), for the runner, the conformance kit, the benchmarks and plugin commands alike.
+
+A cell is a model, a method (sampler with options, schedule, modifiers) and an NFE
+budget, sampled from a block of per-sample seeds and scored by named metrics. Its
+`CellSpec` is frozen; the hash of its identity is the cell id, stored in each record,
+and `bench compare` judges from it alone whether two cells can be compared.
+
+    solve = build(registry, spec, model)    # options -> plan -> sigmas -> counter ->
+    out = solve.sample(range(64))            #   modifiers -> prepare, then sample
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .contracts import Denoiser, Plan, Sampler, check_denoiser, resolve_options
+from .errors import BenchError, ModelLoadError, PluginError, UsageError
+from .nfe import CountingDenoiser, synchronize
+from .seeding import SampleNoise
+
+# --- Specs: "name:key=value:key=value" --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A plugin name with options, written `name:key=value:key=value` on the command line."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Spec:
+        name, *pairs = text.strip().split(":")
+        options = []
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise UsageError(f"option '{pair}' of '{text}' is not key=value")
+            options.append((key.strip(), value.strip()))
+        if not name:
+            raise UsageError(f"'{text}' names nothing; write name or name:key=value")
+        return cls(name.strip(), tuple(options))
+
+    def __str__(self) -> str:
+        return ":".join([self.name, *(f"{k}={v}" for k, v in self.options)])
+
+
+@dataclass(frozen=True)
+class Method:
+    """sampler + schedule + modifiers; `schedule=None` means the sampler's default."""
+
+    sampler: Spec
+    schedule: Spec | None = None
+    modifiers: tuple[Spec, ...] = ()
+
+    def label(self, default_schedule: str) -> str:
+        """`heun`, `euler:churn=10 @time-uniform +skip-tuning`: the schedule only if not default."""
+        text = str(self.sampler)
+        if self.schedule is not None and str(self.schedule) != default_schedule:
+            text += f" @{self.schedule}"
+        return text + "".join(f" +{m}" for m in self.modifiers)
+
+
+def canonical(registry, kind: str, spec: Spec) -> Spec:
+    """The spec under its registered name (an alias resolved), its options checked."""
+    item = registry.get(kind, spec.name)
+    resolve_options(kind.rstrip("s"), item.name, item.options, dict(spec.options))
+    return Spec(item.name, spec.options)
+
+
+def sorted_spec(spec: Spec | None) -> str | None:
+    """The spec with its options in a fixed order: `heun:afs=auto:churn=0` and
+    `heun:churn=0:afs=auto` are one cell."""
+    return None if spec is None else str(Spec(spec.name, tuple(sorted(dict(spec.options).items()))))
+
+
+def canonical_method(registry, method: Method) -> Method:
+    """The method with registered names, sorted options and its schedule resolved (the
+    sampler's default when none is named), so that equal methods give equal cells."""
+    sampler = canonical(registry, "samplers", method.sampler)
+    default = Spec.parse(registry.get("samplers", sampler.name).default_schedule)
+    schedule = canonical(registry, "schedules", method.schedule or default)
+    mods = tuple(canonical(registry, "modifiers", m) for m in method.modifiers)
+    return Method(sampler, schedule, mods)
+
+
+# --- The cell's identity ----------------------------------------------------------------
+
+SPEED_DEFAULTS = {"dtype": "fp32", "channels_last": False, "compile": False}
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Everything that decides a cell's numbers; its identity's hash is the cell id.
+
+    `seed` is the first sample seed: sample i of the cell draws from seed + i, so the cell
+    samples seeds seed .. seed + num_samples - 1. `metrics` pairs each metric with the
+    `dist==version` that registered it and `metric_options` are the run's metric options
+    (e.g. `ref_stats`): both change what a number means, so both are identity. The plugin
+    versions of sampler, schedule and modifiers are recorded but are not identity: a
+    sampler that got worse in a new version is a regression, not "not comparable".
+    """
+
+    model: str
+    method: Method
+    nfe: int
+    num_samples: int = 256
+    seed: int = 0
+    metrics: tuple[tuple[str, str], ...] = ()
+    metric_options: tuple[tuple[str, str], ...] = ()
+    device: str = "cpu"  # the device type; a speed option like the three below
+    dtype: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+
+    # What cells are matched by across runs, and what else must agree for a comparison
+    KEY = ("model", "sampler", "schedule", "modifiers", "nfe")
+
+    def identity(self) -> dict[str, Any]:
+        """The cell as plain JSON: the record's `spec`."""
+        speed = {k: getattr(self, k) for k in SPEED_DEFAULTS if getattr(self, k) != SPEED_DEFAULTS[k]}
+        return {
+            "model": self.model,
+            "sampler": sorted_spec(self.method.sampler),
+            "schedule": sorted_spec(self.method.schedule),
+            "modifiers": [sorted_spec(m) for m in self.method.modifiers],
+            "nfe": self.nfe,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "metrics": {name: version for name, version in self.metrics},
+            "metric_options": dict(self.metric_options),
+            "device": self.device,
+            **speed,
+        }
+
+    @property
+    def id(self) -> str:
+        return digest(self.identity())[:16]
+
+    def seeds(self, indices: Tensor) -> Tensor:
+        """The seeds of the cell's samples at positions `indices`."""
+        return torch.as_tensor(indices, dtype=torch.long) + self.seed
+
+    def with_nfe(self, nfe: int) -> CellSpec:
+        return replace(self, nfe=nfe)
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """What makes two cells of the same key incomparable: `key a -> b` per differing field of
+    their identities (`spec` of their records), metric versions named one by one."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in CellSpec.KEY:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if k == "metrics" and isinstance(va, dict) and isinstance(vb, dict):
+            out += [f"metric {m} {va.get(m)} -> {vb.get(m)}" for m in sorted(set(va) | set(vb))
+                    if va.get(m) != vb.get(m)]
+        elif va != vb:
+            out.append(f"{k} {va} -> {vb}")
+    return out
+
+
+# --- Loading a model --------------------------------------------------------------------
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A torch device this machine has, or a one-line UsageError."""
+    if isinstance(name, torch.device):
+        return name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: '{name}' is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: '{name}' is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def load_model(spec: str, device: torch.device | str = "cpu", registry=None,
+               options: Mapping[str, Any] | None = None) -> Denoiser:
+    """A model spec `name[:arg][;key=value]` through its registered ModelSource; run-wide
+    `options` (e.g. trust_pickle) reach the sources that declare them."""
+    from .plugins import registry as installed
+
+    registry = registry or installed()
+    device = resolve_device(device)
+    name, _, arg = spec.partition(":")
+    source = registry.get("models", name)
+    given = {k: v for k, v in (options or {}).items() if k in source.options}
+    try:
+        denoiser = source.load(arg or None, device=device, **given)
+    except (UsageError, ModelLoadError):
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"model '{spec}' failed to load: {type(exc).__name__}: {exc}") from exc
+    check_denoiser(denoiser)
+    denoiser.spec = spec
+    denoiser = denoiser.to(device).eval()
+    # One untimed call, so the first cell does not pay for lazy initialisation
+    with torch.inference_mode():
+        denoiser(torch.zeros(1, *denoiser.shape, device=device), denoiser.sigma_max)
+    return denoiser
+
+
+# --- Building a cell ----------------------------------------------------------------------
+
+
+def make_sigmas(schedule, options, plan: Plan, denoiser: Denoiser, device) -> Tensor:
+    """The schedule's sigmas for a plan (or the sampler's own), checked: plan.steps + 1 of
+    them, decreasing."""
+    if plan.sigmas is not None:  # the sampler's own time steps
+        sigmas, what = plan.sigmas(denoiser, device), "the sampler's own time steps"
+    else:
+        sigmas = schedule.sigmas(plan.steps, denoiser.sigma_min, denoiser.sigma_max, to_zero=plan.to_zero,
+                                 denoiser=denoiser, device=device, **options)
+        what = f"schedule '{schedule.name}'"
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=device)
+    if len(sigmas) != plan.steps + 1 or not bool((sigmas[:-1] > sigmas[1:]).all()):
+        raise PluginError(f"{what} gave {len(sigmas)} sigmas for {plan.steps} steps or they do not decrease")
+    return sigmas
+
+
+@dataclass
+class Sampled:
+    """One batch's samples and what sampling them cost."""
+
+    x0: Tensor
+    eps: Tensor
+    indices: Tensor
+    seeds: Tensor
+    nfe: int
+    extra: int
+    extra_cost: float
+    wall: float
+    model_s: float
+
+
+@dataclass
+class Solve:
+    """A built cell: the sampler, its plan and options, the sigmas, the counted (and
+    modified) model and what `prepare` chose. `sample(indices)` draws those samples."""
+
+    spec: CellSpec
+    sampler: Sampler
+    plan: Plan
+    options: dict[str, Any]  # resolved sampler options with the plan's
+    schedule: str  # the schedule spec used, or "own" for a sampler's own time steps
+    sigmas: Tensor
+    counter: CountingDenoiser
+    model: Denoiser  # the modifiers' stack on the counter: what the sampler calls
+    applied: list[str] = field(default_factory=list)
+    prepared: dict[str, Any] = field(default_factory=dict)  # extra sample options from prepare
+    prep: dict[str, Any] = field(default_factory=dict)  # prepare_nfe, prepare_s, prepared
+    draws: int = 0  # noise draws a batch of a stochastic sampler takes, learnt per batch
+
+    def __post_init__(self) -> None:
+        self.draws = self.plan.steps if self.sampler.stochastic else 0
+
+    def sample(self, indices: Iterable[int] | Tensor, noise_seed: int | None = None) -> Sampled:
+        """The samples at cell positions `indices`, each from its own seed, the solve timed
+        (wall and in-network); the budget is enforced by the counter. `noise_seed` gives a
+        stochastic sampler's later draws another first seed than the latent's (a check)."""
+        indices = torch.as_tensor(list(indices) if not isinstance(indices, Tensor) else indices,
+                                  dtype=torch.long)
+        seeds = self.spec.seeds(indices)
+        device = self.sigmas.device
+        shape = tuple(self.model.shape)
+        noise = SampleNoise(self.spec.seed, indices, shape, device)
+        eps = noise()
+        if noise_seed is not None:  # the same latent, then another stream
+            noise = SampleNoise(noise_seed, indices, shape, device)
+            noise()
+        stream = NoiseAhead(noise, self.draws, eps)
+        self.counter.reset()
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            x0 = self.sampler.sample(self.model, eps * self.sigmas[0], self.sigmas, noise=stream,
+                                     **self.options, **self.prepared)
+        synchronize(device)
+        wall = time.perf_counter() - start
+        self.draws = stream.draws
+        return Sampled(x0, eps, indices, seeds, self.counter.nfe, self.counter.extra,
+                       self.counter.extra_cost, wall, self.counter.model_s)
+
+    def record(self) -> dict[str, Any]:
+        """The plan's and preparation's fields of the cell's record."""
+        return {
+            "steps": self.plan.steps,
+            "plan_nfe": self.plan.nfe,
+            "options": {**self.options},
+            "schedule": self.schedule,
+            "sigmas": [round(float(s), 6) for s in self.sigmas],
+            **({"modifiers_applied": self.applied} if self.applied else {}),
+            **self.prep,
+        }
+
+
+class NoiseAhead:
+    """A batch's noise stream with its next `n` draws made before the solve is timed: the
+    same numbers, without the per-sample generators' cost (a CPU call per sample per draw)
+    in the sampler's wall-clock. Draws past them are made when asked; at most
+    AHEAD_BYTES are held."""
+
+    def __init__(self, noise: SampleNoise, n: int, like: Tensor) -> None:
+        n = min(n, AHEAD_BYTES // max(1, like.numel() * like.element_size()))
+        self.noise, self.ahead, self.draws = noise, deque(noise() for _ in range(n)), 0
+
+    def __call__(self) -> Tensor:
+        self.draws += 1
+        return self.ahead.popleft() if self.ahead else self.noise()
+
+
+AHEAD_BYTES = 1 << 30
+
+
+def plan_cell(sampler: Sampler, nfe: int, options: Mapping[str, Any]) -> Plan:
+    """The sampler's plan for the budget, or Infeasible; a planner that breaks its contract
+    is a PluginError naming the sampler."""
+    try:
+        plan = sampler.plan(nfe, options)
+    except BenchError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"sampler '{sampler.name}': its planner raised {type(exc).__name__}: {exc}") \
+            from exc
+    if not isinstance(plan, Plan):
+        raise PluginError(f"sampler '{sampler.name}': its planner returned {type(plan).__name__}, "
+                          "not a bench.Plan")
+    return plan
+
+
+def stack(registry, spec: CellSpec, counter: CountingDenoiser) -> tuple[Denoiser, list[str]]:
+    """The modifiers on top of the counter, innermost first; the counter then counts the
+    budget at the resolution the sampler sees (calls at others are extra)."""
+    model: Denoiser = counter
+    applied = []
+    for mod in spec.method.modifiers:
+        modifier = registry.get("modifiers", mod.name)
+        params = resolve_options("modifier", mod.name, modifier.options, dict(mod.options))
+        if modifier.takes_cell:
+            params["cell"] = {"model": spec.model, "sampler": str(spec.method.sampler),
+                              "schedule": str(spec.method.schedule), "nfe": spec.nfe}
+        model = modifier.apply(model, **params)
+        applied.append(getattr(model, "applied", None) or str(mod))
+    counter.count_shape = tuple(model.shape)
+    return model, applied
+
+
+def build(registry, spec: CellSpec, model: Denoiser, device: torch.device | str | None = None,
+          prepare_kwargs: Mapping[str, Any] | None = None) -> Solve:
+    """The cell ready to sample: options resolved, the budget planned (Infeasible if it
+    cannot be spent exactly), sigmas made, the NFE counter on the model and the modifiers on
+    the counter, then the sampler's `prepare` run on that very stack, outside the budget
+    (its calls and seconds recorded as prepare_nfe, prepare_s). `prepare_kwargs` reach
+    `prepare` as keywords (a plugin's own command, e.g. `bench fit`'s force and out)."""
+    device = torch.device(device) if device is not None else next(
+        (p.device for p in model.parameters()), torch.device(spec.device))
+    sampler = registry.get("samplers", spec.method.sampler.name)
+    options = resolve_options("sampler", sampler.name, sampler.options, dict(spec.method.sampler.options))
+    # Plan the budget: the sampler's planner decides steps and options, or says why not
+    plan = plan_cell(sampler, spec.nfe, options)
+    options = {**options, **plan.options}
+    # The sigmas: the schedule's (the sampler's default if none is named), or the sampler's own
+    sched_spec = spec.method.schedule or Spec.parse(sampler.default_schedule)
+    schedule = registry.get("schedules", sched_spec.name)
+    sched_options = resolve_options("schedule", schedule.name, schedule.options, dict(sched_spec.options))
+    sigmas = make_sigmas(schedule, sched_options, plan, model, device)
+    # The counter on the model, the modifiers on the counter
+    counter = CountingDenoiser(model, budget=spec.nfe)
+    top, applied = stack(registry, spec, counter)
+    solve = Solve(spec, sampler, plan, options, "own" if plan.sigmas else str(sched_spec), sigmas,
+                  counter, top, applied)
+    # The sampler's own preparation (e.g. fitting a predictor) on the model it will sample
+    if sampler.prepare is not None:
+        counter.reset()  # a modifier may have probed the model while it was applied
+        counter.budget = None
+        start = time.perf_counter()
+        try:
+            prepared = dict(sampler.prepare(top, sigmas, options, **(prepare_kwargs or {})))
+        finally:
+            counter.budget = spec.nfe
+        solve.prepared = prepared
+        plain = {k: v for k, v in prepared.items() if isinstance(v, str | int | float | bool)}
+        solve.prep = {"prepare_nfe": counter.nfe + counter.extra, "prepare_s": time.perf_counter() - start,
+                      "prepared": plain}  # what prepare chose (e.g. which predictor)
+        counter.reset()
+    return solve
+

@@ -1,0 +1,159 @@
+"""One cell, one path: CellSpec identity, build() shared by the runner and the conformance
+kit, prepare on the modified model, the Python API, and plugins on the public API only."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import bench
+from bench import CellSpec, Method, Spec
+from bench.cli import main
+from bench.compare import compare_cell, tolerances_from_json
+from bench.metrics import reference_solve
+from bench.plugins import load_registry
+from bench.runner import RunConfig, run
+from bench.testing import Case, solve
+
+ROOT = Path(__file__).parents[1]
+
+
+def record(spec: CellSpec, rmse: float, version: str = "bench-classic==0.1.0") -> dict:
+    """A finished cell's record as the runner writes it, with one metric."""
+    return {"spec": spec.identity(), "model": spec.model, "method": str(spec.method.sampler), "nfe": spec.nfe,
+            "status": "ok", "versions": {"sampler": version}, "num_samples": spec.num_samples,
+            "metrics": {"rmse": {"value": rmse, "std": 1e-4, "n": spec.num_samples}}}
+
+
+def test_cell_identity_decides_comparability():
+    rmse = (("rmse", "sampler-bench==0.1.0"),)
+    spec = CellSpec("mixture", Method(Spec("euler"), Spec("karras")), 5, metrics=rmse)
+    tol = tolerances_from_json(None)
+    # The id is a hash of the identity, stable and sensitive to each field
+    assert spec.id == CellSpec("mixture", Method(Spec("euler"), Spec("karras")), 5, metrics=rmse).id
+    assert spec.id != spec.with_nfe(6).id
+    # A changed reference or metric version: not comparable, never a regression
+    other_ref = CellSpec(**{**spec.__dict__, "metric_options": (("ref_stats", "other.npz"),)})
+    other_metric = CellSpec(**{**spec.__dict__, "metrics": (("rmse", "sampler-bench==0.2.0"),)})
+    for head, why in ((other_ref, "metric_options"), (other_metric, "metric rmse")):
+        cell = compare_cell(record(spec, 0.1), record(head, 0.5), tol, 0.05)
+        assert cell.verdict == "not comparable" and why in cell.reason and head.id != spec.id
+    # A sampler version bump alone is compared: the regression is caught and named
+    cell = compare_cell(record(spec, 0.1), record(spec, 0.5, "bench-classic==0.2.0"), tol, 0.05)
+    assert cell.verdict == "worse" and "bench-classic==0.2.0" in cell.changes[0].note
+    # Options in another order are the same cell
+    a = CellSpec("m", Method(Spec.parse("heun:afs=auto:churn=0")), 5)
+    b = CellSpec("m", Method(Spec.parse("heun:churn=0:afs=auto")), 5)
+    assert a.id == b.id
+
+
+def test_runner_and_testing_share_build(tmp_path):
+    """The runner's number for a cell is the number of bench.build's samples, and the
+    conformance kit samples the very same values."""
+    registry = bench.registry()
+    out, records = run(registry, RunConfig(models=["mixture"], methods=[Method(Spec("heun"))], nfe=[6],
+                                           num_samples=16, batch_size=16, metrics=["rmse"], out=tmp_path))
+    model = bench.load_model("mixture", registry=registry)
+    spec = CellSpec("mixture", Method(Spec("heun")), 6, num_samples=16)
+    s = bench.build(registry, spec, model).sample(range(16))
+    ref = reference_solve(model, s.eps.double() * model.sigma_max, model.sigma_max).float()
+    rmse = (s.x0 - ref).reshape(16, -1).double().pow(2).mean(1).sqrt().mean()
+    assert float(rmse) == pytest.approx(records[0]["metrics"]["rmse"]["value"], rel=1e-5)
+    assert s.nfe == 6 == records[0]["nfe_counted"]
+    # bench.testing draws the same samples through the same build
+    case = Case.of("heun", model=model)
+    assert torch.equal(solve(case, 6, range(16)).x0, s.x0)
+
+
+PREPARE_PLUGIN = """
+import bench
+from bench import Plan, Sampler
+
+def prepare(model, sigmas, options):
+    return {"seen_shape": "x".join(map(str, model.shape)), "seen": type(model).__name__}
+
+def sample(model, x, sigmas, *, noise=None, callback=None, **_):
+    for i in range(len(sigmas) - 1):
+        x = x + (sigmas[i + 1] - sigmas[i]) * (x - model(x, sigmas[i])) / sigmas[i]
+    return x
+
+@bench.hookimpl
+def register_samplers(register):
+    register(Sampler("t-prepared", sample, lambda nfe, o: Plan(nfe, nfe, to_zero=False), "NFE = steps",
+                     "a sampler with a prepare stage", prepare=prepare))
+"""
+
+
+def test_prepare_sees_the_model_it_will_sample(plugin_site, tmp_path):
+    plugin_site("bench-prepared", PREPARE_PLUGIN)
+    registry = load_registry()
+    model = bench.load_model("digits", registry=registry)
+    method = Method(Spec("t-prepared"), Spec("karras"), (Spec.parse("upsample-guidance:m=2"),))
+    solve = bench.build(registry, CellSpec("digits", method, 3), model)
+    # prepare got the guided 2x model on top of the counter, as sample() does
+    assert solve.prep["prepared"] == {"seen_shape": "1x16x16", "seen": "UpsampleGuided"}
+    assert solve.model is not solve.counter and tuple(solve.model.shape) == (1, 16, 16)
+    # Its calls were counted apart from the budget, and the budget is whole for sampling
+    out = solve.sample(range(2))
+    assert out.nfe == 3 and solve.prep["prepare_nfe"] == 0
+
+
+def test_python_api_matches_the_command_line(tmp_path, capsys):
+    args = dict(samplers="euler,dpm++2m", nfe="3,5", model="mixture", num_samples=24, batch_size=12)
+    frame = bench.run(**args, out=tmp_path / "api", report="csv")
+    assert main(["run", "--samplers", "euler,dpm++2m", "--nfe", "3,5", "--model", "mixture",
+                 "--num-samples", "24", "--batch-size", "12", "--out", str(tmp_path / "cli"),
+                 "--report", "csv", "--quiet"]) == 0
+    capsys.readouterr()
+    cli = pd.read_csv(tmp_path / "cli" / "results.csv")
+    assert list(frame.columns) == list(cli.columns)
+    for col in ("method", "nfe", "nfe_counted", "status"):
+        assert frame[col].astype(str).tolist() == cli[col].astype(str).tolist()
+    for col in ("fd", "rmse", "rmse_std"):
+        assert frame[col].tolist() == pytest.approx(cli[col].tolist(), rel=1e-12)
+    # The run directory rides along, and bench.load reads the same frame back
+    assert frame.attrs["run_dir"] == tmp_path / "api"
+    pd.testing.assert_frame_equal(bench.load(tmp_path / "api"), frame)
+    with pytest.raises(bench.UsageError, match="unknown option"):
+        bench.run(num_sample=3)
+
+
+def test_duplicate_cells_run_once(tmp_path):
+    """`--schedule karras,default` for euler (whose default is karras) is one cell."""
+    registry = bench.registry()
+    methods = [Method(Spec("euler"), Spec("karras")), Method(Spec("euler"))]
+    config = RunConfig(models=["mixture"], methods=methods, nfe=[3], num_samples=8, batch_size=8,
+                       out=tmp_path)
+    _, records = run(registry, config)
+    assert len(records) == 1
+
+
+def test_plugins_import_only_the_public_api():
+    """No plugin package imports host internals (bench.runner, bench.cli, ...) or another
+    plugin's package: a third party can write each of them against what `bench` exports."""
+    public = {"bench", "bench.solvers", "bench.testing", "bench.errors"}
+    packages = {p.name: p for p in (ROOT / "plugins").glob("*/bench_*") if p.is_dir()}
+    assert {"bench_classic", "bench_amed", "bench_skip_tuning", "bench_upsample_guidance"} <= set(packages)
+    bad = []
+    for name, package in packages.items():
+        for path in package.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for module in modules:
+                    root = module.split(".")[0]
+                    if (root == "bench" and module not in public) or (root in packages and root != name):
+                        bad.append(f"{path.relative_to(ROOT)}: {module}")
+    assert not bad, "plugins import internals: " + ", ".join(bad)
+
+
+def test_public_names_resolve():
+    for name in bench.__all__:
+        assert getattr(bench, name) is not None, name
+    assert json.loads(json.dumps(copy.deepcopy(CellSpec("m", Method(Spec("euler")), 5).identity())))
