@@ -1,0 +1,1 @@
+"""bench-diffusers: diffusers' schedulers as sampler-bench samplers, on any bench Denoiser."""
