@@ -36,8 +36,9 @@ class ModelLoadError(BenchError):
     """A model could not be loaded: missing file, untrusted pickle, offline with nothing cached."""
 
 
-def unknown(kind: str, name: str, known: list[str] | tuple[str, ...],
-            aliases: dict[str, str] | None = None) -> UsageError:
+def unknown(
+    kind: str, name: str, known: list[str] | tuple[str, ...], aliases: dict[str, str] | None = None
+) -> UsageError:
     """`unknown sampler 'eulr' (closest: euler); known: ...` as a UsageError; `aliases`
     (alias -> name) are accepted names too.
 
@@ -78,7 +79,7 @@ def unknown(kind: str, name: str, known: list[str] | tuple[str, ...],
         if len(typed) == len(target):
             slips = [slip(a, b) for a, b in zip(typed, target, strict=True)]
             return None if None in slips else sum(slips)
-        tail = target[len(typed):]
+        tail = target[len(typed) :]
         return 1 if typed and target[: len(typed)] == typed and all(w.isdigit() for w in tail) else None
 
     # Every accepted spelling with the item it names; the closest, if it names one item only

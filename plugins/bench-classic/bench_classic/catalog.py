@@ -11,7 +11,7 @@ from functools import partial
 
 from bench import Sampler, Schedule
 
-from . import budgets, multistep, samplers, schedules
+from . import ancestral, budgets, multistep, samplers, schedules, sde
 
 # Options shared by the deterministic ODE solvers
 ODE = {"afs": "auto", "denoise_to_zero": True}
@@ -36,6 +36,7 @@ SAMPLERS = [
         "Euler ancestral (k-diffusion): DDIM's stochastic step on the sigma axis, eta=1",
         stochastic=True,
         options={"eta": 1.0, "s_noise": 1.0, "denoise_to_zero": True},
+        aliases=("euler_ancestral",),
     ),
     Sampler(
         "ddim",
@@ -61,6 +62,7 @@ SAMPLERS = [
         TWO,
         "DPM-Solver-2, singlestep, midpoint in log sigma (Lu et al. 2022)",
         options=ODE,
+        aliases=("dpm_2",),
     ),
     Sampler(
         "dpm-solver-3",
@@ -79,6 +81,7 @@ SAMPLERS = [
         "DPM-Solver++(2M), multistep, data prediction (Lu et al. 2022b)",
         default_schedule="logsnr",
         options={**ODE, "lower_order_final": True},
+        aliases=("dpmpp_2m",),
     ),
     Sampler(
         "dpm++3m",
@@ -99,6 +102,7 @@ SAMPLERS = [
         default_schedule="logsnr",
         stochastic=True,
         options={"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint", "denoise_to_zero": True},
+        aliases=("dpmpp_2m_sde",),
     ),
     Sampler(
         "unipc",
@@ -127,6 +131,68 @@ SAMPLERS = [
         default_schedule="time-uniform:rho=2",
         options={"order": 4, "mode": "tab", **ODE},
     ),
+    Sampler(
+        "lms",
+        partial(multistep.sample_deis, mode="rhoab"),
+        budgets.plan_checked(order=(1, 2, 3, 4)),
+        ONE,
+        "Linear multistep (k-diffusion's lms): variable-step Adams-Bashforth in sigma, i.e. "
+        "deis:mode=rhoab on karras steps",
+        options={"order": 4, **ODE},
+    ),
+    Sampler(
+        "dpm-2-ancestral",
+        ancestral.sample_dpm_2_ancestral,
+        ancestral.plan_two_ancestral,
+        TWO,
+        "Ancestral sampling with DPM-Solver-2 steps (k-diffusion); eta=0 is dpm-solver-2",
+        stochastic=True,
+        options={"eta": 1.0, "s_noise": 1.0, **ODE},
+        aliases=("dpm_2_ancestral",),
+    ),
+    Sampler(
+        "dpm++2s-ancestral",
+        ancestral.sample_dpmpp_2s_ancestral,
+        ancestral.plan_two_ancestral,
+        TWO,
+        "Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022b; k-diffusion)",
+        stochastic=True,
+        options={"eta": 1.0, "s_noise": 1.0, **ODE},
+        aliases=("dpmpp_2s_ancestral",),
+    ),
+    Sampler(
+        "dpm++sde",
+        sde.sample_dpmpp_sde,
+        sde.plan_sde,
+        TWO,
+        "DPM-Solver++ SDE, singlestep (k-diffusion's dpmpp_sde), Brownian increments drawn "
+        "from the noise stream; eta=0 is DPM-Solver++(2S)",
+        stochastic=True,
+        options={"eta": 1.0, "s_noise": 1.0, "r": 0.5, **ODE},
+        aliases=("dpmpp_sde",),
+    ),
+    Sampler(
+        "dpm++3m-sde",
+        sde.sample_dpmpp_3m_sde,
+        budgets.plan_one,
+        "NFE = steps",
+        "DPM-Solver++(3M) SDE (k-diffusion), fresh noise each step; eta=0 is the ODE solver",
+        default_schedule="logsnr",
+        stochastic=True,
+        options={"eta": 1.0, "s_noise": 1.0, "denoise_to_zero": True},
+        aliases=("dpmpp_3m_sde",),
+    ),
+    Sampler(
+        "ddpm",
+        ancestral.sample_ddpm,
+        budgets.plan_checked(variance=("small", "large")),
+        "NFE = steps",
+        "DDPM ancestral sampling (Ho et al. 2020): the posterior q(x_next | x, x0) step, variance "
+        "beta_tilde (small) or beta (large); on trained timesteps of discrete-time models",
+        default_schedule="time-uniform",
+        stochastic=True,
+        options={"variance": "small", "denoise_to_zero": True},
+    ),
 ]
 
 SCHEDULES = [
@@ -136,7 +202,12 @@ SCHEDULES = [
     Schedule(
         "polynomial", schedules.karras, "the karras schedule under diff-sampler's name", options={"rho": 7.0}
     ),
-    Schedule("logsnr", schedules.logsnr, "uniform in log sigma (log-SNR), as DPM-Solver steps"),
+    Schedule(
+        "logsnr",
+        schedules.logsnr,
+        "uniform in log sigma (log-SNR), as DPM-Solver steps; k-diffusion's exponential",
+        aliases=("exponential",),
+    ),
     Schedule(
         "time-uniform",
         schedules.time_uniform,
@@ -150,4 +221,3 @@ SCHEDULES = [
         options={"spacing": "trailing", "offset": 0},
     ),
 ]
-

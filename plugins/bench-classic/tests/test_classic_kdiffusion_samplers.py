@@ -25,7 +25,6 @@ from test_classic_stochastic import moments
 from bench.adapters import DiscreteVP
 from bench.models import gaussian, mixture
 from bench.seeding import SampleNoise
-from bench.solvers import dpmpp_step
 from bench.testing import check_sampler
 
 # Deterministic limits and their orders on the Gaussian (denoise_to_zero=false, as
@@ -125,15 +124,32 @@ def test_dpmpp_3m_sde_starts_as_the_2m_sde_heun(solve, eta):
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_dpmpp_3m_sde_update_at_eta_0_is_dpmpp_3m(k):
-    """At eta = 0 the first- and third-order SDE updates are the deterministic DPM-Solver++
-    updates (verified against diffusers), to float64 round-off."""
-    gen = torch.Generator().manual_seed(0)
-    x, *ms = (torch.randn(5, generator=gen, dtype=torch.float64) for _ in range(4))
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_dpmpp_3m_sde_update_integrates_linear_data_predictions(k, eta):
+    """The SDE update's mean is x_t = e^(-h_eta) x + int_0^h (1 + eta) e^(-(1 + eta)(h - u)) m(u) du,
+    exactly for m constant (every order) and linear in lambda (orders 2, 3), whatever eta."""
     sigmas, sigma_t = [3.0, 2.0, 1.2][-k:], 0.7
-    ours = dpmpp_sde_update(x, sigma_t, sigmas, ms[:k], eta=0.0)
-    assert torch.allclose(ours, dpmpp_step(x, sigma_t, sigmas, ms[:k]), rtol=1e-12, atol=1e-12)
+    lam = [-math.log(s) for s in sigmas]
+    h, a = math.log(sigmas[-1] / sigma_t), 1 + eta
+    x = torch.full((1,), 0.3, dtype=torch.float64)
+    for slope in [0.0] if k == 1 else [0.0, 1.0]:
+        ms = [torch.tensor([2.0 + slope * (u - lam[-1])], dtype=torch.float64) for u in lam]
+        decay = math.exp(-a * h)
+        exact = decay * 0.3 + 2.0 * (1 - decay) + slope * (a * h - 1 + decay) / a
+        assert float(dpmpp_sde_update(x, sigma_t, sigmas, ms, eta)) == pytest.approx(exact, rel=1e-12)
+
+
+def test_dpmpp_3m_sde_third_order_term_at_eta_0_is_dpmpp_3ms():
+    """At eta = 0 the third-order term carries half the quadratic part of m, as dpm++3m's
+    reference term does (test_classic_orders): the deterministic 3M update."""
+    sigmas, sigma_t = [3.0, 2.0, 1.2], 0.7
+    lam = [-math.log(s) for s in sigmas]
+    h = math.log(sigmas[-1] / sigma_t)
+    ms = [torch.tensor([(u - lam[-1]) ** 2 / 2], dtype=torch.float64) for u in lam]
+    quad = h**2 / 2 - h + 1 - math.exp(-h)  # int_0^h e^(u - h) u^2 / 2 du
+    x = torch.zeros(1, dtype=torch.float64)
+    assert float(dpmpp_sde_update(x, sigma_t, sigmas, ms, 0.0)) == pytest.approx(quad / 2, rel=1e-12)
 
 
 def test_dpmpp_sde_brownian_increments():
