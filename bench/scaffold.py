@@ -19,7 +19,7 @@ DIST_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 PYPROJECT = """\
 [build-system]
-requires = ["setuptools>=68"]
+requires = ["setuptools>=77"]
 build-backend = "setuptools.build_meta"
 
 [project]
@@ -28,7 +28,9 @@ version = "0.1.0"
 description = "sampler-bench plugin: the $sampler sampler"
 readme = "README.md"
 requires-python = ">=3.11"
-dependencies = ["sampler-bench", "torch>=2.2"]
+license = "MIT"
+# bench-classic provides the karras schedule this sampler takes by default
+dependencies = ["sampler-bench>=0.2", "bench-classic>=0.1", "torch>=2.2"]
 
 [project.optional-dependencies]
 test = ["pytest>=8"]
@@ -46,30 +48,33 @@ INIT = '''\
 '''
 
 PLUGIN = '''\
-"""Registers $dist's samplers with sampler-bench (entry point group `bench`)."""
+"""Registers $dist's samplers with sampler-bench (entry point group `bench`).
+
+Import-light: `bench --help` imports every plugin's entry module, so the sampler (and
+torch with it) is imported inside the hook.
+"""
 
 from __future__ import annotations
 
-from bench import Sampler, hookimpl
-
-from .sampler import plan, sample
-
-SAMPLERS = [
-    Sampler(
-        "$sampler",
-        sample,
-        plan,
-        "NFE = steps",
-        "Euler's method on the probability-flow ODE (replace with your method)",
-        default_schedule="karras",
-    ),
-]
+from bench import hookimpl
 
 
 @hookimpl
 def register_samplers(register):
-    for sampler in SAMPLERS:
-        register(sampler)
+    from bench import Sampler
+
+    from .sampler import plan, sample
+
+    register(
+        Sampler(
+            "$sampler",
+            sample,
+            plan,
+            "NFE = steps",
+            "Euler's method on the probability-flow ODE (replace with your method)",
+            default_schedule="karras",  # from bench-classic, a declared dependency
+        )
+    )
 '''
 
 SAMPLER = '''\
