@@ -129,7 +129,9 @@ def test_streaming_equals_torch_fidelity_one_shot(data, registry):
     assert values["fid_digits"].value == pytest.approx(one_shot[torch_fidelity.KEY_METRIC_FID], rel=1e-5)
     assert values["fid_digits"].value > 1.0
     assert values["kid_digits"].value == pytest.approx(one_shot[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-4)
-    assert values["kid_digits"].std == pytest.approx(one_shot[torch_fidelity.KEY_METRIC_KID_STD], rel=1e-3)
+    # Every std is a bootstrap standard error (tests/test_uncertainty.py checks it against the
+    # spread over disjoint blocks), no longer torch-fidelity's std of KID over its subsets
+    assert all(v.std > 0 for v in values.values())
     assert values["precision_digits"].value == pytest.approx(one_shot[torch_fidelity.KEY_METRIC_PRECISION])
     assert values["recall_digits"].value == pytest.approx(one_shot[torch_fidelity.KEY_METRIC_RECALL])
     assert {v.n for v in values.values()} == {len(x)}
