@@ -24,7 +24,9 @@ DEFAULTS: dict[str, Any] = {
     "num_samples": 256,
     "batch_size": 256,
     "seed": 0,
+    "seeds": None,
     "device": "cpu",
+    "threads": 1,
     "metrics": None,
     "report": DEFAULT_REPORTERS,
     "out": None,
@@ -75,6 +77,24 @@ def parse_nfe(value: str | int | list[int] | tuple[int, ...]) -> list[int]:
     return list(dict.fromkeys(values))
 
 
+def parse_seeds(block: int, seeds: str | None, num_samples: int) -> tuple[int, int]:
+    """(first sample seed, sample count): `--seed K` is block K of disjoint blocks of
+    `num_samples` seeds (seeds K*N .. K*N+N-1), `--seeds A-B` an explicit range (EDM's)."""
+    from .errors import UsageError
+
+    if num_samples < 1:
+        raise UsageError(f"--num-samples: {num_samples}; give a positive count of samples per cell")
+    if seeds is None:
+        if not 0 <= block < 2**62 // num_samples:
+            raise UsageError(f"--seed: {block} is not a seed block 0 .. {2**62 // num_samples - 1}")
+        return block * num_samples, num_samples
+    first, sep, last = str(seeds).partition("-")
+    if not (sep and first.isascii() and first.isdigit() and last.isascii() and last.isdigit()
+            and int(first) <= int(last) < 2**62):
+        raise UsageError(f"--seeds: '{seeds}' is not a range A-B of seeds, e.g. 0-49999")
+    return int(first), int(last) - int(first) + 1
+
+
 def config_from(registry, command: str = "", **options: Any):
     """A RunConfig from `bench run`'s options (DEFAULTS for those not given)."""
     from .distributed import parse_shard
@@ -86,13 +106,19 @@ def config_from(registry, command: str = "", **options: Any):
         raise UsageError(f"bench.run: unknown option(s) {', '.join(sorted(unknown))}; "
                          f"known: {', '.join(DEFAULTS)}")
     o = {**DEFAULTS, **options}
+    if o["seeds"] is not None and "num_samples" in options and o["num_samples"] != DEFAULTS["num_samples"]:
+        raise UsageError("--seeds A-B fixes the sample count; leave out --num-samples")
+    first, count = parse_seeds(int(o["seed"]), o["seeds"], int(o["num_samples"]))
+    if int(o["threads"]) < 1:
+        raise UsageError(f"--threads: {o['threads']}; give a positive number of CPU threads")
     return RunConfig(
         models=split_specs(o["model"]),
         methods=methods_from(registry, o["samplers"], o["schedule"], o["modifiers"]),
         nfe=parse_nfe(o["nfe"]),
-        num_samples=o["num_samples"],
+        num_samples=count,
         batch_size=o["batch_size"],
-        seed=o["seed"],
+        seed=first,
+        threads=int(o["threads"]),
         device=o["device"],
         metrics=split_specs(o["metrics"]) if o["metrics"] else None,
         out=Path(o["out"]) if o["out"] is not None else None,

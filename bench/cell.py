@@ -307,6 +307,9 @@ class Solve:
             "plan_nfe": self.plan.nfe,
             "options": {**self.options},
             "schedule": self.schedule,
+            # the terminal convention (README, Protocol): stop at the last positive sigma, or
+            # spend a last call there to denoise to 0
+            "terminal": "to zero" if float(self.sigmas[-1]) == 0 else "sigma_min",
             "sigmas": [round(float(s), 6) for s in self.sigmas],
             **({"modifiers_applied": self.applied} if self.applied else {}),
             **self.prep,

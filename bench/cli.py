@@ -245,7 +245,14 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
                    help="samples per cell (default 256: the full default grid in minutes on a 2-core CPU; "
                         "FIDs are comparable only at equal counts)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"], metavar="K",
+                   help="seed block K: the cells sample seeds K*N .. K*N+N-1 (N = --num-samples), so "
+                        "blocks never overlap (default 0)")
+    p.add_argument("--seeds", default=DEFAULTS["seeds"], metavar="A-B",
+                   help="an explicit range of sample seeds, e.g. 0-49999 (EDM's --seeds); sets the count")
+    p.add_argument("--threads", type=int, default=DEFAULTS["threads"],
+                   help="CPU threads for the network (default 1: a second OpenMP thread thrashes when "
+                        "anything else runs)")
     p.add_argument("--device", default=DEFAULTS["device"], help="cpu, cuda or cuda:N")
     p.add_argument("--metrics", default=None, help="comma list (default: the model's own)")
     p.add_argument("--report", default=DEFAULT_REPORTERS, help=f"reporters (default {DEFAULT_REPORTERS})")

@@ -141,7 +141,7 @@ class Plan:
 
     steps: int
     nfe: int
-    to_zero: bool = True
+    to_zero: bool = False  # the protocol: stop at sigma_min (README)
     options: Mapping[str, Any] = field(default_factory=dict)
     sigmas: Callable[..., Tensor] | None = None
 

@@ -8,6 +8,7 @@ error); a failing cell never stops the run.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import subprocess
@@ -54,7 +55,8 @@ class RunConfig:
     nfe: list[int]
     num_samples: int = 1000
     batch_size: int = 500
-    seed: int = 0
+    seed: int = 0  # the first sample seed: the cells sample seeds seed .. seed + num_samples - 1
+    threads: int = 1  # CPU threads of the network (torch.set_num_threads); not identity
     device: str = "cpu"
     metrics: list[str] | None = None
     out: Path | None = None
@@ -70,11 +72,11 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         return {
             "models": self.models,
-            "methods": [
+            "methods": sorted(
                 [str(m.sampler), str(m.schedule), [str(x) for x in m.modifiers]]
                 for m in self.methods
-            ],
-            "nfe": self.nfe,
+            ),
+            "nfe": sorted(self.nfe),
             "num_samples": self.num_samples,
             "seed": self.seed,
             "metrics": self.metrics,
@@ -177,9 +179,12 @@ def run(
     world = World.from_env()
     device = resolve_device(world.device(config.device))
     out = config.run_dir()
-    env = {**environment(device, registry), "world_size": world.size}
+    if device.type == "cpu":  # one thread by default: OpenMP spin-waits thrash on a shared CPU
+        torch.set_num_threads(config.threads)
+    env = {**environment(device, registry), "world_size": world.size, "threads": torch.get_num_threads()}
     done: dict[str, dict[str, Any]] = {}
     if world.main:
+        check_same_sweep(out, config)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG, {**config.identity(), "command": config.command, "batch_size":
                                   config.batch_size, "shard": list(config.shard), "environment": env,
@@ -212,6 +217,37 @@ def run(
             if on_cell:
                 on_cell(spec, record)
     return out, new
+
+
+def check_same_sweep(out: Path, config: RunConfig) -> None:
+    """A run directory holds one sweep: another configuration into it is a UsageError that
+    names what differs (a rerun of the same one resumes)."""
+    path = out / CONFIG
+    if not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{path} is unreadable; give a new --out, or delete the directory") from None
+    mine = json.loads(json.dumps(config.identity()))
+    keys = sorted(k for k in set(mine) | set(stored.get("identity", stored)) if k in IDENTITY_KEYS)
+    theirs = stored.get("identity", stored)
+    changed = [k for k in keys if mine.get(k) != theirs.get(k)]
+    if changed:
+        k = changed[0]
+        raise UsageError(
+            f"--out {out} holds another sweep ({k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} "
+            f"now{' and ' + str(len(changed) - 1) + ' more' if len(changed) > 1 else ''}); give a new --out, "
+            "and join comparable sweeps with bench merge")
+
+
+IDENTITY_KEYS = ("models", "methods", "nfe", "num_samples", "seed", "metrics", "device", "metric_options",
+                 "dtype", "channels_last", "compile")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def cell_specs(registry: Registry, config: RunConfig, model_spec: str,

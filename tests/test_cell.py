@@ -157,3 +157,37 @@ def test_public_names_resolve():
     for name in bench.__all__:
         assert getattr(bench, name) is not None, name
     assert json.loads(json.dumps(copy.deepcopy(CellSpec("m", Method(Spec("euler")), 5).identity())))
+
+
+def test_seed_blocks_are_disjoint_and_explicit_ranges_work():
+    from bench.api import config_from
+
+    registry = bench.registry()
+    blocks = [config_from(registry, model="mixture", samplers="euler", num_samples=256, seed=k)
+              for k in (0, 1, 2)]
+    ranges = [set(range(c.seed, c.seed + c.num_samples)) for c in blocks]
+    assert [c.seed for c in blocks] == [0, 256, 512] and not (ranges[0] & ranges[1] or ranges[1] & ranges[2])
+    explicit = config_from(registry, model="mixture", samplers="euler", seeds="1000-1049")
+    assert (explicit.seed, explicit.num_samples) == (1000, 50)
+    for bad in ({"seeds": "9-3"}, {"seeds": "²-4"}, {"seed": -1}, {"seed": 10**30}, {"threads": 0},
+                {"seeds": "0-9", "num_samples": 5}):
+        with pytest.raises(bench.UsageError):
+            config_from(registry, model="mixture", samplers="euler", **bad)
+    # A block's samples are the same samples wherever they are drawn: block 1 of 8 is seeds 8..15
+    model = bench.load_model("mixture", registry=registry)
+    one = bench.build(registry, CellSpec("mixture", Method(Spec("euler")), 4, num_samples=8, seed=8), model)
+    wide = bench.build(registry, CellSpec("mixture", Method(Spec("euler")), 4, num_samples=16, seed=0), model)
+    assert torch.equal(one.sample(range(8)).x0, wide.sample(range(8, 16)).x0)
+
+
+def test_a_run_directory_holds_one_sweep(tmp_path, capsys):
+    base = ["run", "--model", "mixture", "--samplers", "euler", "--nfe", "3", "--out", str(tmp_path / "r"),
+            "--report", "csv", "--quiet"]
+    assert main([*base, "--num-samples", "8"]) == 0
+    assert main([*base, "--num-samples", "8"]) == 0  # the same sweep again: it resumes
+    capsys.readouterr()
+    assert main([*base, "--num-samples", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "holds another sweep" in err and "num_samples: 8 there, 16 now" in err
+    assert len(err.splitlines()) == 1
+    assert len(pd.read_csv(tmp_path / "r" / "results.csv")) == 1

@@ -58,10 +58,10 @@ def test_run_end_to_end(tmp_path):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert list(rows[0])[: len(CSV_COLUMNS)] == CSV_COLUMNS and "fd" in rows[0]
     cells = {(r["sampler"], r["nfe"]): r for r in rows}
-    # EDM's Heun without the analytical first step spends 2 * steps - 1: odd budgets only
-    assert cells[("heun:afs=false", "4")]["status"] == "infeasible"
-    assert "2 * steps - 1" in cells[("heun:afs=false", "4")]["reason"]
-    assert cells[("heun:afs=false", "3")]["nfe_counted"] == "3"
+    # Heun stopping at sigma_min without the analytical first step spends 2 * steps: even only
+    assert cells[("heun:afs=false", "3")]["status"] == "infeasible"
+    assert "2 * steps" in cells[("heun:afs=false", "3")]["reason"]
+    assert cells[("heun:afs=false", "4")]["nfe_counted"] == "4"
     assert cells[("euler", "4")]["nfe_counted"] == "4"
     assert "heun:afs=false" in (out / "report.md").read_text()
     # The same command again resumes: nothing reruns
@@ -119,4 +119,4 @@ def test_plugins_and_list_commands(plugin_site):
     assert plugins["bench-faulty"]["registered"]["samplers"] == ["explode", "nan", "greedy"]
     assert "missing dependency xyz" in plugins["bench-broken"]["error"]
     listing = bench("list", "samplers")
-    assert listing.returncode == 0 and "NFE = 2*steps - 1" in listing.stdout
+    assert listing.returncode == 0 and "NFE = 2*steps - afs" in listing.stdout

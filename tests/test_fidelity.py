@@ -246,7 +246,8 @@ RUN = [
 
 
 def _run_error(tmp_path, capsys, *args: str) -> tuple[int, str]:
-    code = main(["run", *RUN, "--num-samples", "3", "--out", str(tmp_path / "run"), *args])
+    out = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}"  # each configuration its own sweep
+    code = main(["run", *RUN, "--num-samples", "3", "--out", str(out), *args])
     return code, capsys.readouterr().err.strip()
 
 

@@ -201,3 +201,10 @@ def test_modifiers(broken):
         testing.check_modifier("t-gain", model=gaussian, neutral={"gain": 1.01})
     with pytest.raises(AssertionError, match="the network ran 4 times, the counter saw 0"):
         testing.check_modifier("t-bypass", model=gaussian)
+
+
+def test_protocol_check_catches_a_call_that_buys_nothing():
+    """The default (stop at sigma_min) passes; EDM's final denoise at sigma_min fails, naming it."""
+    testing.check_protocol(testing.Case.of("heun"), 6)
+    with pytest.raises(AssertionError, match="buys nothing"):
+        testing.check_protocol(testing.Case.of("heun", {"denoise_to_zero": True}), 7)

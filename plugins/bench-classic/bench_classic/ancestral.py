@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench import Denoiser, Plan
-from bench.contracts import NoiseFn
+from bench import Denoiser, NoiseFn, Plan
 from bench.errors import UsageError
 
 from . import budgets

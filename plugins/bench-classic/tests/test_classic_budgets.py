@@ -57,9 +57,10 @@ def test_other_conventions_count_exactly_too(registry, tmp_path):
 def test_forced_afs_makes_the_other_parity_infeasible_with_a_reason(registry, tmp_path):
     records = run_grid(registry, tmp_path, ["heun:afs=false", "dpm-solver-2:afs=true"], [6, 7])
     status = {(r["sampler"], r["nfe"]): r for r in records}
-    assert status[("heun:afs=false", 7)]["status"] == "ok"
-    assert status[("dpm-solver-2:afs=true", 6)]["status"] == "ok"
-    for key in (("heun:afs=false", 6), ("dpm-solver-2:afs=true", 7)):
+    # Stopping at sigma_min (the default), 2 calls a step: without AFS even, with it odd
+    assert status[("heun:afs=false", 6)]["status"] == "ok"
+    assert status[("dpm-solver-2:afs=true", 7)]["status"] == "ok"
+    for key in (("heun:afs=false", 7), ("dpm-solver-2:afs=true", 6)):
         assert status[key]["status"] == "infeasible"
         assert "afs=auto reaches it" in status[key]["reason"]
 
@@ -68,12 +69,17 @@ def test_planners_follow_the_documented_rules(registry):
     plan = lambda text, nfe: registry.get("samplers", text).plan(  # noqa: E731
         nfe, {**registry.get("samplers", text).options}
     )
-    # Heun (EDM): NFE = 2 steps - 1 with the step to 0; AFS (diff-sampler) for even budgets
-    assert (plan("heun", 35).steps, plan("heun", 35).options["afs"]) == (18, False)
-    assert (plan("heun", 6).steps, plan("heun", 6).options["afs"]) == (4, True)
-    # DPM-Solver-fast's orders: third order, then 2/1, summing to the budget less the denoise
-    assert plan("dpm-solver-3", 10).options["orders"] == (3, 3, 2, 1)
-    assert plan("dpm-solver-3", 11).options["orders"] == (3, 3, 3, 1)
+    # Heun stopping at sigma_min (diff-sampler, the default): NFE = 2 steps, AFS for odd budgets
+    assert (plan("heun", 36).steps, plan("heun", 36).options["afs"]) == (18, False)
+    assert (plan("heun", 5).steps, plan("heun", 5).options["afs"]) == (3, True)
+    # ... and EDM's rule with the step to 0: NFE = 2 steps - 1
+    edm = registry.get("samplers", "heun")
+    assert edm.plan(35, {**edm.options, "denoise_to_zero": True}).steps == 18
+    # DPM-Solver-fast's orders: third order, then 2/1, summing to the budget (less the denoise)
+    assert plan("dpm-solver-3", 10).options["orders"] == (3, 3, 3, 1)
+    assert plan("dpm-solver-3", 11).options["orders"] == (3, 3, 3, 2)
+    dpm3 = registry.get("samplers", "dpm-solver-3")
+    assert dpm3.plan(10, {**dpm3.options, "denoise_to_zero": True}).options["orders"] == (3, 3, 2, 1)
     # UniPC runs bh2 (diff-sampler); variant=auto picks bh1 below 10 steps, bh2 from 10
     unipc = registry.get("samplers", "unipc")
     assert plan("unipc", 9).options["variant"] == "bh2"
@@ -92,7 +98,7 @@ def test_bad_option_values_are_usage_errors_and_impossible_budgets_infeasible(re
         unipc.plan(10, {**unipc.options, "afs": "maybe"})
     heun = registry.get("samplers", "heun")
     with pytest.raises(Infeasible, match="not of that form"):
-        heun.plan(1, {**heun.options, "afs": True})
+        heun.plan(1, {**heun.options, "afs": True, "denoise_to_zero": True})
 
 
 def test_bench_list_shows_every_nfe_rule(registry, capsys, monkeypatch):

@@ -119,8 +119,9 @@ def test_dpmpp_3m_sde_starts_as_the_2m_sde_heun(solve, eta):
     """On three steps (orders 1 and 2, then the denoise) the 3M SDE is the 2M SDE with
     solver_type=heun, whose second-order term phi_2 D1 it uses, with the same noise."""
     model, eps = mixture(), stream()()
-    ours = solve(model, f"dpm++3m-sde:eta={eta}", 3, eps, noise=stream())[0]
-    theirs = solve(model, f"dpm++2m-sde:eta={eta}:solver_type=heun", 3, eps, noise=stream())[0]
+    ours = solve(model, f"dpm++3m-sde:eta={eta}:denoise_to_zero=true", 3, eps, noise=stream())[0]
+    theirs = solve(model, f"dpm++2m-sde:eta={eta}:solver_type=heun:denoise_to_zero=true", 3, eps,
+                   noise=stream())[0]
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 

@@ -72,8 +72,8 @@ def evaluate(
     labels = {p: method(sampler, schedule, p).label(default) for p in points}
     variants = ["+".join(map(str, method(sampler, schedule, p).modifiers)) or "none" for p in points]
     bench.run(model=args.model, samplers=str(sampler), schedule=str(schedule or "default"),
-              modifiers=variants, nfe=[nfe], num_samples=args.num_samples, batch_size=args.batch_size,
-              seed=args.seed, device=args.device, metrics=metric, out=work, report="")
+              modifiers=variants, nfe=[nfe], seeds=f"{args.seed}-{args.seed + args.num_samples - 1}",
+              batch_size=args.batch_size, device=args.device, metrics=metric, out=work, report="")
     records = {r["method"]: r for r in Run.open(work).records if r["nfe"] == nfe}
     return {p: metric_value(records[label], metric) for p, label in labels.items()}
 

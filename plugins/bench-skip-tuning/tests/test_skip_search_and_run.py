@@ -23,7 +23,8 @@ from bench.store import Run
 from bench.testing import single_threaded
 
 MODEL = "digits"
-SAMPLES = ["--num-samples", "24", "--batch-size", "24", "--seed", "100000"]
+SAMPLES = ["--num-samples", "24", "--batch-size", "24", "--seed", "100000"]  # skip-tune: the first seed
+RUN_SAMPLES = ["--seeds", "100000-100023", "--batch-size", "24"]  # the same samples in bench run
 ONES = "skip-tuning:rho_bottom=1:rho_top=1"
 
 
@@ -76,7 +77,7 @@ def test_search_then_run(cache, tmp_path):
         f"skip-tuning,{ONES},none",
         "--metrics",
         "fid-digits",
-        *SAMPLES,
+        *RUN_SAMPLES,
         "--out",
         str(out),
         "--quiet",
