@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "digits"  # the embedded UNet (MODEL_CARD.md)
-DEFAULT_REPORTERS = "console,csv,markdown,html"
+DEFAULT_REPORTERS = "verdict,console,csv,markdown,html"
 
 # `bench run`'s options and their defaults; argparse reads its defaults from here
 DEFAULTS: dict[str, Any] = {

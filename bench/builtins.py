@@ -34,6 +34,7 @@ def register_metrics(register):
 
 
 REPORTERS = (
+    ("verdict", "render_verdict", "verdict.json: per budget the best method and those tied with it (paired)"),
     ("console", "render_console", "tables on the terminal (rich)"),
     ("csv", "render_csv", "results.csv: one row per cell, stable columns"),
     ("markdown", "render_markdown", "report.md: the tables, environment and problems"),

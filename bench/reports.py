@@ -21,11 +21,16 @@ from .store import Run
 
 
 def fmt(value: float | None, std: float | None = None) -> str:
-    """4 significant digits, with ± std when given."""
+    """4 significant digits; with a standard error, the value to the decimal place of the
+    error's leading digit (two digits when that is 1): `1.24 ± 0.13`, `-0.00 ± 0.02`."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    text = f"{value:.4g}"
-    return f"{text} ± {std:.2g}" if std is not None else text
+    if std is None or not math.isfinite(std) or std <= 0:
+        return f"{value:.4g}"
+    exponent = math.floor(math.log10(std))
+    digits = 2 if f"{std:e}"[0] == "1" else 1
+    decimals = max(0, digits - 1 - exponent)
+    return f"{value:.{decimals}f} ± {std:.{decimals}f}"
 
 
 def cell_text(record: dict[str, Any], key: str) -> str:
@@ -113,7 +118,91 @@ def problems(run: Run) -> list[str]:
     return lines
 
 
+# --- The verdict: the best method per budget and those tied with it -----------------------
+
+LEVEL = 0.95
+
+
+def verdicts(run: Run, level: float = LEVEL) -> list[dict[str, Any]]:
+    """Per model, metric and NFE budget: the best method, the methods not significantly worse
+    at `level` (paired bootstrap intervals of the difference, Holm-corrected; bench.stats),
+    the worse ones, each with its value, interval and wall-clock. Cells are paired when they
+    share their sample count and seeds (one sweep); cells without replicates are left out."""
+    import numpy as np
+
+    from .stats import verdict
+
+    out = []
+    for model, records in by_model(run).items():
+        ok = [r for r in records if r.get("status") == "ok" and r.get("replicates")]
+        reps: dict[str, Any] = {}
+        for r in ok:
+            path = run.dir / r["replicates"]
+            if path.is_file() and path.resolve().is_relative_to(run.dir.resolve()):
+                with np.load(path) as data:
+                    reps[r["cell_id"]] = {k: data[k] for k in data.files}
+        for metric in dict.fromkeys(m for r in ok for m in r.get("metrics", {})):
+            for nfe in sorted({r["nfe"] for r in ok}):
+                cells = [r for r in ok if r["nfe"] == nfe and metric in reps.get(r["cell_id"], {})]
+                if len({(r.get("num_samples"), r.get("seed")) for r in cells}) > 1 or not cells:
+                    continue
+                by_method = {r["method"]: r for r in cells}
+                v0 = cells[0]["metrics"][metric]
+                result = verdict({m: r["metrics"][metric]["value"] for m, r in by_method.items()},
+                                 {m: reps[r["cell_id"]][metric] for m, r in by_method.items()},
+                                 bool(v0.get("higher_is_better")), level)
+                for m, entry in result["methods"].items():
+                    entry["std"] = by_method[m]["metrics"][metric].get("std")
+                    entry["wall_s"] = by_method[m].get("wall_s")
+                out.append({"model": model, "metric": metric, "title": v0.get("title") or metric,
+                            "nfe": nfe, "n": v0.get("n"), **result})
+    return out
+
+
+def verdict_frame(entries: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (metric, budget): best, its value and wall-clock, the tied methods."""
+    rows = []
+    for e in entries:
+        best = e["methods"][e["best"]]
+        tied = sorted(e["tied"], key=lambda m: e["methods"][m]["point"], reverse=e["higher_is_better"])
+        rows.append({
+            "metric": f"{e['title']} (n={e['n']})",
+            "NFE": str(e["nfe"]),
+            "best": e["best"],
+            "value": fmt(best["point"], best.get("std")),
+            "wall s": fmt(best.get("wall_s")),
+            "tied with best": ", ".join(tied) or "none",
+            "worse": str(len(e["worse"])),
+        })
+    frame = pd.DataFrame(rows)
+    return frame.set_index("metric") if len(frame) else frame
+
+
+VERDICT_NOTE = (f"Tied: not significantly worse than the best at level {LEVEL} (paired bootstrap "
+                "intervals of the difference on the same noise, Holm-corrected over the other methods).")
+
+
+def render_verdict(run: Run, console: Console) -> Path:
+    """verdict.json: every verdict with each method's value, interval and wall-clock."""
+    import json
+
+    path = run.dir / "verdict.json"
+    tmp = path.with_name(".verdict.json.tmp")
+    tmp.write_text(json.dumps({"level": LEVEL, "verdicts": verdicts(run)}, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def render_console(run: Run, console: Console) -> None:
+    frame = verdict_frame(verdicts(run))
+    if len(frame):
+        table = Table(title="Verdict", title_justify="left", caption=VERDICT_NOTE, caption_justify="left")
+        table.add_column("metric", style="bold")
+        for col in frame.columns:
+            table.add_column(col, justify="left" if col in ("best", "tied with best") else "right")
+        for metric, row in frame.iterrows():
+            table.add_row(metric, *row)
+        console.print(table)
     for title, frame in tables(run):
         table = Table(title=title, title_justify="left")
         table.add_column("method", style="bold")
@@ -157,6 +246,9 @@ def render_markdown(run: Run, console: Console) -> Path:
         f"commit {env.get('commit')}.",
         "",
     ]
+    frame = verdict_frame(verdicts(run))
+    if len(frame):
+        lines += ["## Verdict", "", markdown_table(frame), "", VERDICT_NOTE, ""]
     for title, frame in tables(run):
         lines += [f"## {title}", "", markdown_table(frame), ""]
     issues = problems(run)
@@ -363,7 +455,11 @@ def environment_html(run: Run) -> str:
 def render_html(run: Run, console: Console) -> Path:
     """report.html: tables and plots per metric, sample grids, environment; self-contained."""
     groups = by_model(run)
-    body = [f"<h1>sampler-bench run <code>{escape(run.dir.name)}</code></h1>", environment_html(run)]
+    body = [f"<h1>sampler-bench run <code>{escape(run.dir.name)}</code></h1>"]
+    frame = verdict_frame(verdicts(run))
+    if len(frame):
+        body += ["<h2>Verdict</h2>", html_table(frame), f"<p>{escape(VERDICT_NOTE)}</p>"]
+    body.append(environment_html(run))
     for model, records in groups.items():
         prefix = f"{model}: " if len(groups) > 1 else ""
         # Per metric: the method x NFE table, quality vs NFE, quality vs wall-clock

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -20,6 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .cell import (
@@ -44,6 +46,7 @@ from .store import CONFIG, FINAL, RESULTS, append_record, read_records, write_js
 from .throughput import DTYPES, accelerate, full_precision
 
 GRIDS = "samples"  # run subdirectory of each cell's PNG grid of its first samples
+REPLICATES = "replicates"  # run subdirectory of each cell's paired bootstrap replicates (.npz)
 
 
 @dataclass
@@ -335,7 +338,9 @@ def _measure(registry, config: RunConfig, spec: CellSpec, solve: Solve, denoiser
                         cache, config.metric_options)
     states: dict[str, Any] = {}
     world.on_main(lambda: states.update({n: registry.get("metrics", n).create(ctx) for n, _ in spec.metrics}))
-    tally = Tally(grid=config.run_dir() / GRIDS / f"{spec.id}.png")
+    tally = Tally(grid=config.run_dir() / GRIDS / f"{spec.id}.png",
+                  replicates=config.run_dir() / REPLICATES / f"{spec.id}.npz",
+                  bootstrap=config.metric_options.get("bootstrap"))
     batches = list(enumerate(_batches(spec.num_samples, config.batch_size)))
     for k, mine in enumerate(world.deal(batches)):
         # Each rank samples its batch of the round (a round is one batch in one process)
@@ -375,6 +380,9 @@ class Tally:
     extra_cost: float = 0.0
     nfe: set[int] = field(default_factory=set)
     grid: Path | None = None  # where the first batch's PNG grid goes, once it is saved
+    replicates: Path | None = None  # where the metrics' paired bootstrap replicates go
+    bootstrap: Any = None  # B, the bootstrap's replicate count (metric option), or the default
+    n: int = 0  # samples fed to the metrics
 
     def feed(self, parts: list[Sampled | None], states: dict[str, Any], device, sigma_max: float) -> None:
         """Add a round's batches, in batch order, and feed them to the metrics."""
@@ -388,6 +396,7 @@ class Tally:
                           seeds=s.seeds)
             for state in states.values():
                 state.update(batch)
+            self.n += len(s.x0)
             self.metric_s += time.perf_counter() - start
             # The first samples as a PNG grid beside the results
             if self.grid is not None and int(s.indices[0]) == 0:
@@ -404,6 +413,7 @@ def _finish(states, tally: Tally, plan) -> dict[str, Any]:
             metrics[key] = value.to_json()
     if len(tally.nfe) != 1:
         raise PluginError(f"sampler spent different NFE on different batches: {sorted(tally.nfe)}")
+    saved = save_replicates(states, tally)
     counted_nfe = next(iter(tally.nfe))
     out = {
         "nfe_counted": counted_nfe,
@@ -415,7 +425,28 @@ def _finish(states, tally: Tally, plan) -> dict[str, Any]:
         "metric_s": tally.metric_s,
         "metrics": metrics,
         **({"grid": f"{GRIDS}/{tally.grid.name}"} if tally.grid and tally.grid.is_file() else {}),
+        **({"replicates": f"{REPLICATES}/{saved.name}"} if saved else {}),
     }
     if counted_nfe != plan.nfe:
         out["reason"] = f"planner promised {plan.nfe} NFE, sampler spent {counted_nfe}"
     return out
+
+
+def save_replicates(states: dict[str, Any], tally: Tally) -> Path | None:
+    """Every metric's bootstrap replicates on the shared index sets (bench.stats.index_sets:
+    the same rows for every cell of n samples, so two cells' replicates are paired), written
+    atomically to the run directory; None when no metric has replicates."""
+    from .stats import bootstrap_b, index_sets
+
+    b = bootstrap_b({"bootstrap": tally.bootstrap} if tally.bootstrap is not None else {})
+    with_reps = [st for st in states.values() if callable(getattr(st, "replicates", None))]
+    if not with_reps or tally.replicates is None or b < 2 or tally.n < 2:
+        return None
+    rows = index_sets(tally.n, b)
+    arrays = {k: np.asarray(v, dtype=np.float64) for st in with_reps for k, v in st.replicates(rows).items()}
+    tally.replicates.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tally.replicates.with_name(f".{tally.replicates.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, tally.replicates)
+    return tally.replicates

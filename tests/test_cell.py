@@ -8,11 +8,13 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import bench
+import bench.reports
 from bench import CellSpec, Method, Spec
 from bench.cli import main
 from bench.compare import compare_cell, tolerances_from_json
@@ -191,3 +193,32 @@ def test_a_run_directory_holds_one_sweep(tmp_path, capsys):
     assert "holds another sweep" in err and "num_samples: 8 there, 16 now" in err
     assert len(err.splitlines()) == 1
     assert len(pd.read_csv(tmp_path / "r" / "results.csv")) == 1
+
+
+def test_paired_verdicts(tmp_path):
+    """Same samples under two names are tied (a zero interval); on the analytic Gaussian at 20
+    NFE euler (20 steps) and heun (10 steps) differ significantly in their error to the exact
+    ODE solution (rmse, paired). Euler is the closer one there (rmse 0.044 vs 0.063 on 8
+    samples: the Gaussian's small variances make the last steps stiff, where Heun's halved
+    step count costs more than its order gains)."""
+    frame = bench.run(model="gaussian", samplers="euler,euler:s_noise=1,heun", nfe=20, num_samples=64,
+                      metrics="rmse,fd", out=tmp_path / "v", report="verdict,markdown")
+    assert (frame["status"] == "ok").all()
+    data = json.loads((tmp_path / "v" / "verdict.json").read_text())
+    rmse = next(v for v in data["verdicts"] if v["metric"] == "rmse" and v["nfe"] == 20)
+    assert rmse["best"] in ("euler", "euler:s_noise=1") and rmse["worse"] == ["heun"]
+    assert rmse["methods"]["heun"]["interval"][0] > 0  # significantly worse, paired
+    # A method against itself: identical replicates, a tie with a zero interval
+    twins = next(v for v in bench.reports.verdicts(bench.Run.open(tmp_path / "v")) if v["metric"] == "fd")
+    a, b = twins["methods"]["euler"], twins["methods"]["euler:s_noise=1"]
+    assert a["point"] == b["point"] and {a["status"], b["status"]} <= {"best", "tied"}
+    from bench.stats import paired_interval
+    with np.load(tmp_path / "v" / frame_replicates(tmp_path / "v", "euler")) as x, \
+         np.load(tmp_path / "v" / frame_replicates(tmp_path / "v", "euler:s_noise=1")) as y:
+        assert paired_interval(x["fd"], y["fd"]) == (0.0, 0.0)
+    report = (tmp_path / "v" / "report.md").read_text()
+    assert report.index("## Verdict") < report.index("## rmse")  # the verdict comes first
+
+
+def frame_replicates(run_dir: Path, method: str) -> str:
+    return next(r["replicates"] for r in bench.Run.open(run_dir).records if r["method"] == method)
