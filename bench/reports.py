@@ -137,8 +137,8 @@ def verdicts(run: Run, level: float = LEVEL) -> list[dict[str, Any]]:
         ok = [r for r in records if r.get("status") == "ok" and r.get("replicates")]
         reps: dict[str, Any] = {}
         for r in ok:
-            path = run.dir / r["replicates"]
-            if path.is_file() and path.resolve().is_relative_to(run.dir.resolve()):
+            path = inside(run, r["replicates"])
+            if path is not None and path.is_file():
                 with np.load(path) as data:
                     reps[r["cell_id"]] = {k: data[k] for k in data.files}
         for metric in dict.fromkeys(m for r in ok for m in r.get("metrics", {})):
@@ -225,7 +225,13 @@ def markdown_table(frame: pd.DataFrame) -> str:
     head = [frame.index.name or "", *map(str, frame.columns)]
     rows = [[str(i), *map(str, row)] for i, row in zip(frame.index, frame.to_numpy(), strict=True)]
     align = ["---"] + ["---:"] * len(frame.columns)
-    return "\n".join("| " + " | ".join(r) + " |" for r in [head, align, *rows])
+    return "\n".join("| " + " | ".join(map(md_escape, r)) + " |" for r in [head, align, *rows])
+
+
+def md_escape(text: str) -> str:
+    """Text for a Markdown table cell: HTML escaped (a sampler option `<script>` stays text),
+    pipes escaped."""
+    return escape(text, quote=False).replace("|", "\\|")
 
 
 def render_csv(run: Run, console: Console) -> Path:
@@ -422,9 +428,18 @@ def _css_class(text: str) -> str:
     return {"failed": ' class="bad"', "infeasible": ' class="dim"'}.get(text, "")
 
 
+def inside(run: Run, relative: Any) -> Path | None:
+    """run.dir / relative when that stays inside the run directory (a record naming
+    /etc/passwd or ../x gets nothing read), else None."""
+    if not isinstance(relative, str) or not relative:
+        return None
+    path = (run.dir / relative).resolve()
+    return path if path.is_relative_to(run.dir.resolve()) else None
+
+
 def grid_image(run: Run, record: dict[str, Any]) -> str:
     """A cell's sample grid (record field `grid`, relative to the run) as an inline image."""
-    path = run.dir / record["grid"] if record.get("grid") else None
+    path = inside(run, record.get("grid"))
     if path is None or not path.is_file():
         return ""
     return f'<img src="{png_data_uri(path.read_bytes())}" alt="{escape(record["method"])}">'

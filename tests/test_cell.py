@@ -222,3 +222,23 @@ def test_paired_verdicts(tmp_path):
 
 def frame_replicates(run_dir: Path, method: str) -> str:
     return next(r["replicates"] for r in bench.Run.open(run_dir).records if r["method"] == method)
+
+
+def test_hostile_records_read_nothing_outside_the_run(tmp_path, capsys):
+    """A record's grid naming a file outside the run directory is not embedded, and a
+    sampler option with markup reaches report.md as text."""
+    run = tmp_path / "r"
+    assert main(["run", "--model", "mixture", "--samplers", "euler", "--nfe", "3", "--num-samples", "8",
+                 "--out", str(run), "--report", "csv", "--quiet"]) == 0
+    lines = (run / "results.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG not yours")
+    record.update(grid=str(secret), method="euler <script>alert(1)</script>")
+    (run / "results.jsonl").write_text(json.dumps(record) + "\n")
+    assert main(["report", str(run), "--report", "markdown,html"]) == 0
+    capsys.readouterr()
+    import base64
+    assert base64.b64encode(secret.read_bytes()).decode() not in (run / "report.html").read_text()
+    md = (run / "report.md").read_text()
+    assert "<script>" not in md and "&lt;script&gt;" in md
