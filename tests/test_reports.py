@@ -76,7 +76,7 @@ def test_html_is_self_contained_with_plots_grids_and_environment(run_dir):
         assert fact in html
     for metric in run.metric_names():
         assert (
-            f'alt="{metric} vs NFE"' in html and f'alt="{metric} vs wall-clock, Pareto front marked"' in html
+            f'alt="{metric} vs NFE"' in html and f'alt="{metric} vs wall-clock, Pareto front marked and named"' in html
         )
 
 
