@@ -300,11 +300,17 @@ class MetricState(Protocol):
 
 @dataclass(frozen=True)
 class Metric:
-    """`create(ctx) -> MetricState`: a streaming metric, fed batch by batch."""
+    """`create(ctx) -> MetricState`: a streaming metric, fed batch by batch.
+
+    With `floor`, the metric also scores real data at the run's sample count when the model
+    can draw it (`Denoiser.data_samples(n, seed)`): the best value a sampler can reach at
+    that n, which reports show beside the samplers' values. Metrics of the samples' own noise
+    (rmse to a reference solve) have none."""
 
     name: str
     create: Callable[[MetricContext], MetricState]
     description: str
+    floor: bool = False
 
 
 # --- Reporter -------------------------------------------------------------------------

@@ -290,7 +290,20 @@ def load_unet(path: Path = WEIGHTS) -> tuple[UNet, dict[str, Any]]:
 def load_digits(arg: str | None = None, device=None, **_) -> Preconditioned:
     """Model source `digits[:PATH]`: the UNet (shipped weights, or PATH) with EDM preconditioning."""
     net, train_config = load_unet(Path(arg) if arg else WEIGHTS)
-    return Preconditioned(net, "edm", SHAPE, sigma_data=train_config["sigma_data"], has_bottleneck=True)
+    model = Preconditioned(net, "edm", SHAPE, sigma_data=train_config["sigma_data"], has_bottleneck=True)
+    model.data_samples = digits_samples  # the data it was trained on, for the metrics' floor
+    return model
+
+
+def digits_samples(n: int, seed: int = 0) -> Tensor:
+    """n of the 1797 digits (without replacement up to 1797), in [-1, 1]: real data at n."""
+    from .digits_classifier import digits
+
+    images = digits()[0]
+    gen = torch.Generator().manual_seed(seed)
+    if n <= len(images):
+        return images[torch.randperm(len(images), generator=gen)[:n]]
+    return images[torch.randint(len(images), (n,), generator=gen)]
 
 
 class OptimalDenoiser(GaussianMixture):

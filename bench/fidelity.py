@@ -627,7 +627,7 @@ class PrecisionRecall(_Features):
 
 
 def _metric(name: str, state: type, space: Callable[[MetricContext], FeatureSpace], what: str) -> Metric:
-    return Metric(name, partial(state, space=space, name=name), what)
+    return Metric(name, partial(state, space=space, name=name), what, floor=True)
 
 
 METRICS = [

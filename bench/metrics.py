@@ -250,6 +250,7 @@ METRICS = [
         "fd",
         FrechetToTruth,
         "Fréchet distance of the samples to the true data distribution (analytic models)",
+        floor=True,
     ),
     Metric(
         "rmse",

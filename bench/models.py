@@ -33,6 +33,14 @@ class GaussianMixture(Denoiser):
         self.sigma_min, self.sigma_max = 0.002, 80.0
         self.sigma_data = float(self.moments()[1].diagonal().mean().sqrt())
 
+    def data_samples(self, n: int, seed: int = 0) -> Tensor:
+        """n draws from the mixture itself (float32 images), for the metrics' floor."""
+        gen = torch.Generator().manual_seed(seed)
+        k = torch.multinomial(self.log_w.exp().cpu(), n, replacement=True, generator=gen)
+        z = torch.randn(n, self.mu.shape[1], generator=gen, dtype=torch.float64)
+        x = self.mu.cpu()[k] + self.var.cpu()[k].sqrt() * z
+        return x.float().reshape(n, *self.shape)
+
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         xf = x.double().reshape(len(x), -1)  # [B, D]
         if bool((sigma == sigma[0]).all()):

@@ -40,9 +40,26 @@ def cell_text(record: dict[str, Any], key: str) -> str:
         return status or ""
     if key in record.get("metrics", {}):
         v = record["metrics"][key]
-        return fmt(v.get("value"), v.get("std"))
+        return fmt(v.get("value"), v.get("std")) + (" (floor)" if at_floor(record, key) else "")
     value = record.get(key)
     return "; ".join(map(str, value)) if isinstance(value, list) else fmt(value)
+
+
+def at_floor(record: dict[str, Any], key: str) -> bool:
+    """Whether the cell's value is within two standard errors of real data's at that n."""
+    v, f = record.get("metrics", {}).get(key), (record.get("floor") or {}).get(key)
+    if not v or not f or v.get("std") is None:
+        return False
+    gap = (f["value"] - v["value"]) if v.get("higher_is_better") else (v["value"] - f["value"])
+    return gap <= 2 * v["std"]
+
+
+FLOOR_ROW = "real data (floor)"
+
+
+def floor_of(records: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """Real data's value of metric `key` at the records' sample count, if the run has it."""
+    return next(((r.get("floor") or {}).get(key) for r in records if (r.get("floor") or {}).get(key)), None)
 
 
 # Record fields tabulated after the metrics, with their titles
@@ -93,7 +110,11 @@ def tables(run: Run) -> list[tuple[str, pd.DataFrame]]:
     for model, records in groups.items():
         prefix = f"{model}: " if len(groups) > 1 else ""
         for key, title in keys:
-            out.append((prefix + title, grid_frame(records, lambda r, k=key: cell_text(r, k))))
+            frame = grid_frame(records, lambda r, k=key: cell_text(r, k))
+            floor = floor_of(records, key)
+            if floor is not None:  # what a perfect sampler would score at this n
+                frame.loc[FLOOR_ROW] = fmt(floor["value"], floor.get("std"))
+            out.append((prefix + title, frame))
     return out
 
 
@@ -154,8 +175,9 @@ def verdicts(run: Run, level: float = LEVEL) -> list[dict[str, Any]]:
                 for m, entry in result["methods"].items():
                     entry["std"] = by_method[m]["metrics"][metric].get("std")
                     entry["wall_s"] = by_method[m].get("wall_s")
+                    entry["at_floor"] = at_floor(by_method[m], metric)
                 out.append({"model": model, "metric": metric, "title": v0.get("title") or metric,
-                            "nfe": nfe, "n": v0.get("n"), **result})
+                            "nfe": nfe, "n": v0.get("n"), "floor": floor_of(cells, metric), **result})
     return out
 
 
@@ -171,6 +193,7 @@ def verdict_frame(entries: list[dict[str, Any]]) -> pd.DataFrame:
             "best": e["best"],
             "value": fmt(best["point"], best.get("std")),
             "wall s": fmt(best.get("wall_s")),
+            "real data": fmt(e["floor"]["value"], e["floor"].get("std")) if e.get("floor") else "",
             "tied with best": ", ".join(tied) or "none",
             "worse": str(len(e["worse"])),
         })
@@ -349,6 +372,12 @@ def _axes(title: str, xlabel: str, ylabel: str, values: list[float]):
     return fig, ax
 
 
+def _floor_line(ax, records: list[dict[str, Any]], metric: str) -> None:
+    floor = floor_of(records, metric)
+    if floor is not None:
+        ax.axhline(floor["value"], color="0.4", linestyle=":", label=FLOOR_ROW)
+
+
 def plot_vs_nfe(records: list[dict[str, Any]], metric: str, title: str) -> str:
     """Quality against NFE budget, one line per method, error bars where reported."""
     groups = _ok_points(records, metric)
@@ -365,6 +394,7 @@ def plot_vs_nfe(records: list[dict[str, Any]], metric: str, title: str) -> str:
             **method_style(i),
         )
     ax.set_xticks(sorted({r["nfe"] for r in records}))
+    _floor_line(ax, records, metric)
     _legend(ax)
     return figure_uri(fig)
 
@@ -407,11 +437,21 @@ def plot_vs_wall(records: list[dict[str, Any]], metric: str, title: str) -> str:
         ms=11,
         label="Pareto front",
     )
+    _floor_line(ax, records, metric)
     for r in front:  # the front's cells by name: the answer to "which, at what cost"
         ax.annotate(f"{r['method']} @ {r['nfe']}", (r["wall_s"], r["metrics"][metric]["value"]), fontsize=7,
                     xytext=(6, -10), textcoords="offset points", fontweight="bold")
     _legend(ax)
     return figure_uri(fig)
+
+
+def metric_frame(records: list[dict[str, Any]], metric: str) -> pd.DataFrame:
+    """A metric's method x NFE table, with real data's row when the run has it."""
+    frame = grid_frame(records, lambda r: cell_text(r, metric))
+    floor = floor_of(records, metric)
+    if floor is not None:
+        frame.loc[FLOOR_ROW] = fmt(floor["value"], floor.get("std"))
+    return frame
 
 
 def html_table(frame: pd.DataFrame, raw: bool = False, css: str = "") -> str:
@@ -492,7 +532,7 @@ def render_html(run: Run, console: Console) -> Path:
             ]
             body += [
                 f"<h2>{escape(prefix + title)}</h2>",
-                html_table(grid_frame(records, lambda r, k=metric: cell_text(r, k))),
+                html_table(metric_frame(records, metric)),
                 '<div class="plots">'
                 + "".join(
                     f'<img src="{uri}" alt="{escape(alt)}" title="{escape(alt)}">' for alt, uri in plots

@@ -338,6 +338,8 @@ def _measure(registry, config: RunConfig, spec: CellSpec, solve: Solve, denoiser
                         cache, config.metric_options)
     states: dict[str, Any] = {}
     world.on_main(lambda: states.update({n: registry.get("metrics", n).create(ctx) for n, _ in spec.metrics}))
+    floor: dict[str, Any] = {}
+    world.on_main(lambda: floor.update(data_floor(registry, spec, ctx, config.batch_size)))
     tally = Tally(grid=config.run_dir() / GRIDS / f"{spec.id}.png",
                   replicates=config.run_dir() / REPLICATES / f"{spec.id}.npz",
                   bootstrap=config.metric_options.get("bootstrap"))
@@ -349,8 +351,32 @@ def _measure(registry, config: RunConfig, spec: CellSpec, solve: Solve, denoiser
         if on_batch:
             on_batch(spec.id, min(len(batches), (k + 1) * world.size), len(batches))
     # The cell's numbers, on rank 0
-    out: dict[str, Any] = {"status": "ok"}
+    out: dict[str, Any] = {"status": "ok", **({"floor": floor} if floor else {})}
     world.on_main(lambda: out.update(_finish(states, tally, solve.plan)))
+    return out
+
+
+def data_floor(registry: Registry, spec: CellSpec, ctx: MetricContext, batch_size: int) -> dict[str, Any]:
+    """Each floor metric's value on real data at the cell's sample count (the model's
+    `data_samples`, drawn from seed 0), once per model, metric and count; {} when the model
+    cannot draw its data. What a perfect sampler would score at this n."""
+    draw = getattr(ctx.denoiser, "data_samples", None)
+    out: dict[str, Any] = {}
+    if draw is None:
+        return out
+    for name, _ in spec.metrics:
+        metric = registry.get("metrics", name)
+        key = ("floor", name, spec.num_samples)
+        if metric.floor and key not in ctx.cache:
+            state = metric.create(ctx)
+            x = draw(spec.num_samples, 0).to(ctx.device)
+            for start in range(0, len(x), batch_size):
+                xb = x[start:start + batch_size]
+                idx = torch.arange(start, start + len(xb))
+                state.update(Batch(x0=xb, eps=torch.zeros_like(xb), indices=idx,
+                                   sigma_max=float(ctx.denoiser.sigma_max), seeds=idx))
+            ctx.cache[key] = {k: v.to_json() for k, v in state.result().items()}
+        out.update(ctx.cache.get(key, {}))
     return out
 
 

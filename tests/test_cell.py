@@ -242,3 +242,19 @@ def test_hostile_records_read_nothing_outside_the_run(tmp_path, capsys):
     assert base64.b64encode(secret.read_bytes()).decode() not in (run / "report.html").read_text()
     md = (run / "report.md").read_text()
     assert "<script>" not in md and "&lt;script&gt;" in md
+
+
+def test_the_floor_is_real_data_at_the_same_n(tmp_path):
+    """Records carry what real data scores at their n (fd of draws from the mixture itself);
+    samplers are above it, and the tables and verdict show it."""
+    bench.run(model="mixture", samplers="euler", nfe=[3, 40], num_samples=128, metrics="fd,rmse",
+              out=tmp_path / "f", report="verdict,markdown")
+    records = bench.Run.open(tmp_path / "f").records
+    floor = records[0]["floor"]
+    assert set(floor) == {"fd"} and floor["fd"]["n"] == 128  # rmse has no floor
+    assert floor["fd"] == records[1]["floor"]["fd"]  # computed once, the same for every cell
+    euler3 = records[0]["metrics"]["fd"]
+    assert euler3["value"] > floor["fd"]["value"] + 2 * euler3["std"]
+    assert "real data (floor)" in (tmp_path / "f" / "report.md").read_text()
+    verdict = json.loads((tmp_path / "f" / "verdict.json").read_text())["verdicts"]
+    assert all(v["floor"] == floor["fd"] for v in verdict if v["metric"] == "fd")
