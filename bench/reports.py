@@ -106,11 +106,12 @@ def tables(run: Run) -> list[tuple[str, pd.DataFrame]]:
     """(title, method x NFE frame of strings) for each metric, wall-clock and counted NFE."""
     keys = [(m, _metric_title(run, m)) for m in run.metric_names()] + record_keys(run.records)
     groups = by_model(run)
+    marks = verdict_marks(run)
     out = []
     for model, records in groups.items():
         prefix = f"{model}: " if len(groups) > 1 else ""
         for key, title in keys:
-            frame = grid_frame(records, lambda r, k=key: cell_text(r, k))
+            frame = grid_frame(records, lambda r, k=key: marks.get((r["cell_id"], k), "") + cell_text(r, k))
             floor = floor_of(records, key)
             if floor is not None:  # what a perfect sampler would score at this n
                 frame.loc[FLOOR_ROW] = fmt(floor["value"], floor.get("std"))
@@ -202,7 +203,20 @@ def verdict_frame(entries: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 VERDICT_NOTE = (f"Tied: not significantly worse than the best at level {LEVEL} (paired bootstrap "
-                "intervals of the difference on the same noise, Holm-corrected over the other methods).")
+                "intervals of the difference on the same noise, Holm-corrected over the other methods). "
+                "In the tables below ★ marks the best value of a budget, ≈ the values tied with it.")
+
+
+def verdict_marks(run: Run) -> dict[tuple[str, str], str]:
+    """(cell id, metric) -> "★ " for each budget's best, "≈ " for the methods tied with it."""
+    marks = {}
+    for e in verdicts(run):
+        for r in run.records:
+            if r.get("model") == e["model"] and r.get("nfe") == e["nfe"] and r.get("status") == "ok":
+                status = e["methods"].get(r["method"], {}).get("status")
+                if status in ("best", "tied"):
+                    marks[(r["cell_id"], e["metric"])] = "★ " if status == "best" else "≈ "
+    return marks
 
 
 def render_verdict(run: Run, console: Console) -> Path:
@@ -445,9 +459,10 @@ def plot_vs_wall(records: list[dict[str, Any]], metric: str, title: str) -> str:
     return figure_uri(fig)
 
 
-def metric_frame(records: list[dict[str, Any]], metric: str) -> pd.DataFrame:
-    """A metric's method x NFE table, with real data's row when the run has it."""
-    frame = grid_frame(records, lambda r: cell_text(r, metric))
+def metric_frame(records: list[dict[str, Any]], metric: str, marks=None) -> pd.DataFrame:
+    """A metric's method x NFE table, the verdict's marks, real data's row when it is known."""
+    marks = marks or {}
+    frame = grid_frame(records, lambda r: marks.get((r.get("cell_id"), metric), "") + cell_text(r, metric))
     floor = floor_of(records, metric)
     if floor is not None:
         frame.loc[FLOOR_ROW] = fmt(floor["value"], floor.get("std"))
@@ -514,6 +529,7 @@ def environment_html(run: Run) -> str:
 def render_html(run: Run, console: Console) -> Path:
     """report.html: tables and plots per metric, sample grids, environment; self-contained."""
     groups = by_model(run)
+    marks = verdict_marks(run)
     body = [f"<h1>sampler-bench run <code>{escape(run.dir.name)}</code></h1>"]
     frame = verdict_frame(verdicts(run))
     if len(frame):
@@ -532,7 +548,7 @@ def render_html(run: Run, console: Console) -> Path:
             ]
             body += [
                 f"<h2>{escape(prefix + title)}</h2>",
-                html_table(metric_frame(records, metric)),
+                html_table(metric_frame(records, metric, marks)),
                 '<div class="plots">'
                 + "".join(
                     f'<img src="{uri}" alt="{escape(alt)}" title="{escape(alt)}">' for alt, uri in plots
