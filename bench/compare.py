@@ -195,14 +195,16 @@ def compare_runs(
         elif h is None:
             out.append(CellComparison(*cell_key(b), "missing", "the head run has no such cell"))
         else:
-            out.append(compare_cell(b, h, tolerances, alpha))
+            out.append(compare_cell(b, h, tolerances, alpha, (Path(base.dir), Path(head.dir))))
     return out
 
 
 def compare_cell(
-    b: dict[str, Any], h: dict[str, Any], tolerances: dict[str, Tolerance], alpha: float
+    b: dict[str, Any], h: dict[str, Any], tolerances: dict[str, Tolerance], alpha: float,
+    dirs: tuple[Path, Path] | None = None,
 ) -> CellComparison:
-    """The verdict on one cell present in both runs."""
+    """The verdict on one cell present in both runs; `dirs` are the runs' directories, where
+    their bootstrap replicates are (a paired test when both have them for the same seeds)."""
     cell = CellComparison(*cell_key(b), "same")
     # Not comparable: what identifies the measurement changed (the cell spec decides alone)
     if not (isinstance(b.get("spec"), dict) and isinstance(h.get("spec"), dict)):
@@ -224,7 +226,8 @@ def compare_cell(
         return cell
     # Both ok: every metric, then the calibrated wall-clock
     for name in dict.fromkeys([*b.get("metrics", {}), *h.get("metrics", {})]):
-        cell.changes.append(compare_metric(name, b, h, tolerances.get(name, tolerances[ANY]), alpha))
+        pair = paired_replicates(name, b, h, dirs)
+        cell.changes.append(compare_metric(name, b, h, tolerances.get(name, tolerances[ANY]), alpha, pair))
     cell.changes.append(compare_speed(b, h, tolerances[SPEED]))
     verdicts = {c.verdict for c in cell.changes}
     cell.verdict = next((v for v in ("worse", "better") if v in verdicts), "same")
@@ -242,8 +245,31 @@ def status_change(base: str | None, head: str | None) -> str:
     return "still failing" if head == "failed" else "same"
 
 
-def compare_metric(name: str, b: dict[str, Any], h: dict[str, Any], tol: Tolerance, alpha: float) -> Change:
-    """Tolerance first, then a z-test on the two standard errors when both are reported."""
+def paired_replicates(name: str, b: dict[str, Any], h: dict[str, Any], dirs) -> tuple | None:
+    """Both runs' bootstrap replicates of metric `name`, when both cells stored them and drew
+    the same samples' noise (the same seeds: their spec agrees), else None."""
+    import numpy as np
+
+    if dirs is None or b.get("spec") != h.get("spec"):
+        return None
+    out = []
+    for record, directory in zip((b, h), dirs, strict=True):
+        rel = record.get("replicates")
+        path = (directory / rel).resolve() if isinstance(rel, str) else None
+        if path is None or not path.is_relative_to(directory.resolve()) or not path.is_file():
+            return None
+        with np.load(path) as data:
+            if name not in data.files:
+                return None
+            out.append(data[name])
+    return tuple(out) if len(out[0]) == len(out[1]) else None
+
+
+def compare_metric(name: str, b: dict[str, Any], h: dict[str, Any], tol: Tolerance, alpha: float,
+                   pair: tuple | None = None) -> Change:
+    """Tolerance first, then the paired bootstrap interval of head - base when both runs stored
+    replicates on the same noise (bench.stats.paired_interval at level 1 - alpha), else a
+    z-test on the two standard errors when both are reported."""
     vb, vh = b.get("metrics", {}).get(name), h.get("metrics", {}).get(name)
     if vb is None or vh is None:
         side = "base" if vb is None else "head"
@@ -254,7 +280,15 @@ def compare_metric(name: str, b: dict[str, Any], h: dict[str, Any], tol: Toleran
         return Change(name, base, head, "same", f"within {tol}")
     # The statistical test, where the metric reports its spread
     se_b, se_h = vb.get("std"), vh.get("std")
-    if se_b is None or se_h is None:
+    if pair is not None:
+        from .stats import paired_interval
+
+        low, high = paired_interval(pair[1], pair[0], 1 - alpha)
+        if low <= 0 <= high:
+            return Change(name, base, head, "same",
+                          f"beyond {tol} but not significant (paired interval [{low:.3g}, {high:.3g}])")
+        note = f"beyond {tol}; paired interval of head - base [{low:.3g}, {high:.3g}]"
+    elif se_b is None or se_h is None:
         note = f"beyond {tol}; no spread reported: tolerance only"
     else:
         z = z_score(base, head, se_b, se_h)

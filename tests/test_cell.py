@@ -258,3 +258,20 @@ def test_the_floor_is_real_data_at_the_same_n(tmp_path):
     assert "real data (floor)" in (tmp_path / "f" / "report.md").read_text()
     verdict = json.loads((tmp_path / "f" / "verdict.json").read_text())["verdicts"]
     assert all(v["floor"] == floor["fd"] for v in verdict if v["metric"] == "fd")
+
+
+def test_compare_uses_paired_intervals_when_both_runs_carry_replicates(tmp_path, capsys):
+    args = ["run", "--model", "mixture", "--samplers", "euler", "--nfe", "3", "--num-samples", "64",
+            "--metrics", "fd", "--report", "csv", "--quiet", "--out"]
+    assert main([*args, str(tmp_path / "a")]) == 0 and main([*args, str(tmp_path / "b")]) == 0
+    # The head's fd and its replicates 1.5x: a paired interval far from 0
+    head = tmp_path / "b"
+    record = json.loads((head / "results.jsonl").read_text())
+    record["metrics"]["fd"]["value"] *= 1.5
+    with np.load(head / record["replicates"]) as data:
+        np.savez(head / record["replicates"], fd=data["fd"] * 1.5)
+    (head / "results.jsonl").write_text(json.dumps(record) + "\n")
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(head)]) == 0
+    out = capsys.readouterr().out
+    assert "worse" in out and "paired interval of head - base" in out
