@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "seeds": None,
     "device": "cpu",
     "threads": 1,
+    "repeats": 1,
     "metrics": None,
     "report": DEFAULT_REPORTERS,
     "out": None,
@@ -109,6 +110,8 @@ def config_from(registry, command: str = "", **options: Any):
     if o["seeds"] is not None and "num_samples" in options and o["num_samples"] != DEFAULTS["num_samples"]:
         raise UsageError("--seeds A-B fixes the sample count; leave out --num-samples")
     first, count = parse_seeds(int(o["seed"]), o["seeds"], int(o["num_samples"]))
+    if int(o["repeats"]) < 1:
+        raise UsageError(f"--repeats: {o['repeats']}; give a positive number of disjoint seed blocks")
     if int(o["threads"]) < 1:
         raise UsageError(f"--threads: {o['threads']}; give a positive number of CPU threads")
     return RunConfig(
@@ -119,6 +122,7 @@ def config_from(registry, command: str = "", **options: Any):
         batch_size=o["batch_size"],
         seed=first,
         threads=int(o["threads"]),
+        repeats=int(o["repeats"]),
         device=o["device"],
         metrics=split_specs(o["metrics"]) if o["metrics"] else None,
         out=Path(o["out"]) if o["out"] is not None else None,

@@ -250,6 +250,8 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
                         "blocks never overlap (default 0)")
     p.add_argument("--seeds", default=DEFAULTS["seeds"], metavar="A-B",
                    help="an explicit range of sample seeds, e.g. 0-49999 (EDM's --seeds); sets the count")
+    p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"], metavar="R",
+                   help="R disjoint seed blocks per cell (blocks K .. K+R-1), reported as mean ± sd and min")
     p.add_argument("--threads", type=int, default=DEFAULTS["threads"],
                    help="CPU threads for the network (default 1: a second OpenMP thread thrashes when "
                         "anything else runs)")

@@ -40,7 +40,10 @@ def cell_text(record: dict[str, Any], key: str) -> str:
         return status or ""
     if key in record.get("metrics", {}):
         v = record["metrics"][key]
-        return fmt(v.get("value"), v.get("std")) + (" (floor)" if at_floor(record, key) else "")
+        text = fmt(v.get("value"), v.get("std"))
+        if v.get("repeats"):  # mean ± sd over disjoint seed blocks, and the best block
+            text += f" (best {fmt(v['min'])}, {v['repeats']} blocks)"
+        return text + (" (floor)" if at_floor(record, key) else "")
     value = record.get(key)
     return "; ".join(map(str, value)) if isinstance(value, list) else fmt(value)
 
@@ -83,12 +86,38 @@ def record_keys(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return TIMING_KEYS + shown
 
 
-def by_model(run: Run) -> dict[str, list[dict[str, Any]]]:
-    """The run's records grouped by model, in run order."""
+def by_model(run: Run, pooled: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """The run's records grouped by model, in run order; `pooled` folds the disjoint seed
+    blocks of `--repeats` into one record per method and budget (`pool`)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in run.records:
         groups.setdefault(r["model"], []).append(r)
-    return groups
+    return {m: pool(rs) for m, rs in groups.items()} if pooled else groups
+
+
+def pool(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (method, NFE): with several seed blocks (repeats), each metric is the
+    mean over blocks with `std` the standard deviation between blocks, `min` the best block
+    (EDM reports the minimum over its blocks), `repeats` the number of blocks."""
+    import statistics
+
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        cells.setdefault((r["method"], r["nfe"]), []).append(r)
+    out = []
+    for rs in cells.values():
+        ok = [r for r in rs if r.get("status") == "ok"]
+        if len(rs) == 1 or len(ok) != len(rs):
+            out.append(rs[0] if len(ok) == len(rs) else next(r for r in rs if r.get("status") != "ok"))
+            continue
+        merged = {**ok[0], "metrics": {}, "wall_s": statistics.fmean(r.get("wall_s") or 0 for r in ok)}
+        for key, v0 in ok[0].get("metrics", {}).items():
+            values = [r["metrics"][key]["value"] for r in ok if key in r.get("metrics", {})]
+            best = max(values) if v0.get("higher_is_better") else min(values)
+            merged["metrics"][key] = {**v0, "value": statistics.fmean(values), "min": best,
+                                      "std": statistics.stdev(values), "repeats": len(values)}
+        out.append(merged)
+    return out
 
 
 def grid_frame(records: list[dict[str, Any]], text) -> pd.DataFrame:
@@ -105,7 +134,7 @@ def grid_frame(records: list[dict[str, Any]], text) -> pd.DataFrame:
 def tables(run: Run) -> list[tuple[str, pd.DataFrame]]:
     """(title, method x NFE frame of strings) for each metric, wall-clock and counted NFE."""
     keys = [(m, _metric_title(run, m)) for m in run.metric_names()] + record_keys(run.records)
-    groups = by_model(run)
+    groups = by_model(run, pooled=True)
     marks = verdict_marks(run)
     out = []
     for model, records in groups.items():
@@ -166,7 +195,10 @@ def verdicts(run: Run, level: float = LEVEL) -> list[dict[str, Any]]:
         for metric in dict.fromkeys(m for r in ok for m in r.get("metrics", {})):
             for nfe in sorted({r["nfe"] for r in ok}):
                 cells = [r for r in ok if r["nfe"] == nfe and metric in reps.get(r["cell_id"], {})]
-                if len({(r.get("num_samples"), r.get("seed")) for r in cells}) > 1 or not cells:
+                if cells:  # paired within one seed block: the first (with --repeats, block 0)
+                    first = min(r.get("seed") or 0 for r in cells)
+                    cells = [r for r in cells if (r.get("seed") or 0) == first]
+                if len({r.get("num_samples") for r in cells}) > 1 or not cells:
                     continue
                 by_method = {r["method"]: r for r in cells}
                 v0 = cells[0]["metrics"][metric]
@@ -528,7 +560,7 @@ def environment_html(run: Run) -> str:
 
 def render_html(run: Run, console: Console) -> Path:
     """report.html: tables and plots per metric, sample grids, environment; self-contained."""
-    groups = by_model(run)
+    groups = by_model(run, pooled=True)
     marks = verdict_marks(run)
     body = [f"<h1>sampler-bench run <code>{escape(run.dir.name)}</code></h1>"]
     frame = verdict_frame(verdicts(run))

@@ -60,6 +60,7 @@ class RunConfig:
     batch_size: int = 500
     seed: int = 0  # the first sample seed: the cells sample seeds seed .. seed + num_samples - 1
     threads: int = 1  # CPU threads of the network (torch.set_num_threads); not identity
+    repeats: int = 1  # disjoint seed blocks per method x budget, each its own cell
     device: str = "cpu"
     metrics: list[str] | None = None
     out: Path | None = None
@@ -85,6 +86,7 @@ class RunConfig:
             "metrics": self.metrics,
             "device": torch.device(self.device).type,
             **({"metric_options": self.metric_options} if self.metric_options else {}),
+            **({"repeats": self.repeats} if self.repeats > 1 else {}),
             # The network's speed options, where they differ from the defaults
             **{k: v for k, v in self.speed_options().items() if v != SPEED_DEFAULTS[k]},
         }
@@ -214,7 +216,8 @@ def run(
                               on_batch if world.main else None, world)
             if not world.main:
                 continue
-            record.update(cell_id=spec.id, cell_index=index, environment=env, calibration_s=calibration_s)
+            record.update(cell_id=spec.id, cell_index=index, environment=env, calibration_s=calibration_s,
+                          repeat=(spec.seed - config.seed) // config.num_samples)
             append_record(out / RESULTS, record)
             new.append(record)
             if on_cell:
@@ -245,7 +248,7 @@ def check_same_sweep(out: Path, config: RunConfig) -> None:
 
 
 IDENTITY_KEYS = ("models", "methods", "nfe", "num_samples", "seed", "metrics", "device", "metric_options",
-                 "dtype", "channels_last", "compile")
+                 "dtype", "channels_last", "compile", "repeats")
 
 
 def _short(value: Any) -> str:
@@ -262,10 +265,11 @@ def cell_specs(registry: Registry, config: RunConfig, model_spec: str,
     options = tuple(sorted((k, str(v)) for k, v in config.metric_options.items()))
     methods = [canonical_method(registry, m) for m in config.methods]
     specs = [
-        CellSpec(model_spec, method, nfe, config.num_samples, config.seed, metrics, options, device.type,
-                 config.dtype, config.channels_last, config.compile)
+        CellSpec(model_spec, method, nfe, config.num_samples, config.seed + r * config.num_samples, metrics,
+                 options, device.type, config.dtype, config.channels_last, config.compile)
         for method in methods
         for nfe in config.nfe
+        for r in range(config.repeats)  # disjoint seed blocks, each its own cell
     ]
     return list({spec.id: spec for spec in reversed(specs)}.values())[::-1]  # a duplicate runs once
 

@@ -275,3 +275,15 @@ def test_compare_uses_paired_intervals_when_both_runs_carry_replicates(tmp_path,
     assert main(["compare", str(tmp_path / "a"), str(head)]) == 0
     out = capsys.readouterr().out
     assert "worse" in out and "paired interval of head - base" in out
+
+
+def test_repeats_are_disjoint_seed_blocks_reported_as_mean_sd_and_best(tmp_path):
+    frame = bench.run(model="mixture", samplers="euler", nfe=4, num_samples=16, seed=2, repeats=3,
+                      metrics="fd", out=tmp_path / "r", report="markdown")
+    assert sorted(frame["seed"]) == [32, 48, 64]  # blocks 2, 3, 4 of 16 seeds
+    values = frame["fd"].tolist()
+    md = (tmp_path / "r" / "report.md").read_text()
+    mean, best = sum(values) / 3, min(values)
+    assert "3 blocks" in md and f"best {bench.reports.fmt(best)}" in md
+    assert bench.reports.pool(bench.Run.open(tmp_path / "r").records)[0]["metrics"]["fd"]["value"] == \
+        pytest.approx(mean)

@@ -75,9 +75,8 @@ def test_html_is_self_contained_with_plots_grids_and_environment(run_dir):
     for fact in (run.config["command"], env["torch"], env["commit"], "bench-classic"):
         assert fact in html
     for metric in run.metric_names():
-        assert (
-            f'alt="{metric} vs NFE"' in html and f'alt="{metric} vs wall-clock, Pareto front marked and named"' in html
-        )
+        assert f'alt="{metric} vs NFE"' in html
+        assert f'alt="{metric} vs wall-clock, Pareto front marked and named"' in html
 
 
 def test_markdown_csv_console_and_html_carry_the_same_tables(run_dir, capsys):
