@@ -287,3 +287,18 @@ def test_repeats_are_disjoint_seed_blocks_reported_as_mean_sd_and_best(tmp_path)
     assert "3 blocks" in md and f"best {bench.reports.fmt(best)}" in md
     assert bench.reports.pool(bench.Run.open(tmp_path / "r").records)[0]["metrics"]["fd"]["value"] == \
         pytest.approx(mean)
+
+
+def test_a_baseline_never_grants_trust_to_pickles(tmp_path, capsys):
+    """`bench check` replays a baseline's stored options, but never --trust-pickle: only the
+    person's own command line can switch on code-running pickle loading."""
+    from bench.compare import load, write_baseline
+
+    assert main(["run", "--model", "mixture", "--samplers", "euler", "--nfe", "3", "--num-samples", "8",
+                 "--out", str(tmp_path / "r"), "--report", "csv", "--quiet"]) == 0
+    options = {"model": "mixture", "samplers": "euler", "nfe": "3", "num_samples": 8, "trust_pickle": True}
+    baseline = write_baseline(load(tmp_path / "r"), tmp_path / "b.json", options)
+    capsys.readouterr()
+    assert main(["check", "--baseline", str(baseline), "--out", str(tmp_path / "re")]) == 0
+    err = capsys.readouterr().err
+    assert "running: bench run" in err and "--trust-pickle" not in err
