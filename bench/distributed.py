@@ -168,7 +168,8 @@ def first_failure(parts: list[Any] | None) -> Exception | None:
 def parse_shard(text: str) -> tuple[int, int]:
     """`i/n` (0 <= i < n) -> (i, n): this job runs the cells whose grid index is i mod n."""
     i, sep, n = text.partition("/")
-    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(i) < int(n):
+    digits = lambda t: t.strip().isascii() and t.strip().isdigit()  # noqa: E731
+    if not sep or not digits(i) or not digits(n) or not 0 <= int(i) < int(n):
         raise UsageError(f"--shard: '{text}' is not i/n with 0 <= i < n, e.g. 0/4 for the first of 4 jobs")
     return int(i), int(n)
 

@@ -302,3 +302,12 @@ def test_a_baseline_never_grants_trust_to_pickles(tmp_path, capsys):
     assert main(["check", "--baseline", str(baseline), "--out", str(tmp_path / "re")]) == 0
     err = capsys.readouterr().err
     assert "running: bench run" in err and "--trust-pickle" not in err
+
+
+@pytest.mark.parametrize("argv", [["--nfe", "²"], ["--shard", "²/4"], ["--device", "mps"],
+                                  ["--seed", str(10**30)], ["--seeds", "5-2"], ["--threads", "0"],
+                                  ["--repeats", "0"]])
+def test_bad_run_input_is_one_line_exit_2(argv, tmp_path, capsys):
+    code = main(["run", "--model", "mixture", "--samplers", "euler", "--out", str(tmp_path / "x"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
