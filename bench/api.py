@@ -140,6 +140,8 @@ def run(**options: Any):
     """Run a grid as `bench run` does (same option names and defaults; lists may replace
     comma strings) and return its results as a DataFrame, `attrs["run_dir"]` its directory.
     Reporters named by `report` render as on the command line (`report=""` for none)."""
+    from rich.console import Console
+
     from .plugins import registry
     from .runner import run as run_grid
     from .store import Run
@@ -149,11 +151,9 @@ def run(**options: Any):
     config = config_from(reg, command=f"bench.run({args})", **options)
     reporters = [reg.get("reporters", name) for name in split_specs(options.get("report", DEFAULT_REPORTERS))]
     run_dir, _ = run_grid(reg, config)
-    result = Run.open(run_dir)
+    result, console = Run.open(run_dir), Console(highlight=False)
     for reporter in reporters:
-        from rich.console import Console
-
-        reporter.render(result, Console(highlight=False))
+        reporter.render(result, console)
     return _frame(result)
 
 

@@ -17,7 +17,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -85,8 +85,9 @@ def sorted_spec(spec: Spec | None) -> str | None:
 
 
 def canonical_method(registry, method: Method) -> Method:
-    """The method with registered names, sorted options and its schedule resolved (the
-    sampler's default when none is named), so that equal methods give equal cells."""
+    """The method with registered names (aliases resolved), checked options and its schedule
+    resolved (the sampler's default when none is named); with CellSpec's order-free identity,
+    equal methods give equal cells."""
     sampler = canonical(registry, "samplers", method.sampler)
     default = Spec.parse(registry.get("samplers", sampler.name).default_schedule)
     schedule = canonical(registry, "schedules", method.schedule or default)
@@ -154,9 +155,6 @@ class CellSpec:
     def seeds(self, indices: Tensor) -> Tensor:
         """The seeds of the cell's samples at positions `indices`."""
         return torch.as_tensor(indices, dtype=torch.long) + self.seed
-
-    def with_nfe(self, nfe: int) -> CellSpec:
-        return replace(self, nfe=nfe)
 
 
 def differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
@@ -268,10 +266,10 @@ class Solve:
     applied: list[str] = field(default_factory=list)
     prepared: dict[str, Any] = field(default_factory=dict)  # extra sample options from prepare
     prep: dict[str, Any] = field(default_factory=dict)  # prepare_nfe, prepare_s, prepared
-    draws: int = 0  # noise draws a batch of a stochastic sampler takes, learnt per batch
+    draws: int = field(init=False)  # noise draws a batch takes, learnt per batch
 
     def __post_init__(self) -> None:
-        self.draws = self.plan.steps if self.sampler.stochastic else 0
+        self.draws = self.plan.steps if self.sampler.stochastic else 0  # a first guess
 
     def sample(self, indices: Iterable[int] | Tensor, noise_seed: int | None = None) -> Sampled:
         """The samples at cell positions `indices`, each from its own seed, the solve timed
@@ -350,9 +348,10 @@ def plan_cell(sampler: Sampler, nfe: int, options: Mapping[str, Any]) -> Plan:
     return plan
 
 
-def stack(registry, spec: CellSpec, counter: CountingDenoiser) -> tuple[Denoiser, list[str]]:
+def stack(registry, spec: CellSpec, counter: CountingDenoiser, schedule: str) -> tuple[Denoiser, list[str]]:
     """The modifiers on top of the counter, innermost first; the counter then counts the
-    budget at the resolution the sampler sees (calls at others are extra)."""
+    budget at the resolution the sampler sees (calls at others are extra). A modifier that
+    takes the cell gets it with the schedule actually used (`schedule`)."""
     model: Denoiser = counter
     applied = []
     for mod in spec.method.modifiers:
@@ -360,7 +359,7 @@ def stack(registry, spec: CellSpec, counter: CountingDenoiser) -> tuple[Denoiser
         params = resolve_options("modifier", mod.name, modifier.options, dict(mod.options))
         if modifier.takes_cell:
             params["cell"] = {"model": spec.model, "sampler": str(spec.method.sampler),
-                              "schedule": str(spec.method.schedule), "nfe": spec.nfe}
+                              "schedule": schedule, "nfe": spec.nfe}
         model = modifier.apply(model, **params)
         applied.append(getattr(model, "applied", None) or str(mod))
     counter.count_shape = tuple(model.shape)
@@ -388,7 +387,7 @@ def build(registry, spec: CellSpec, model: Denoiser, device: torch.device | str 
     sigmas = make_sigmas(schedule, sched_options, plan, model, device)
     # The counter on the model, the modifiers on the counter
     counter = CountingDenoiser(model, budget=spec.nfe)
-    top, applied = stack(registry, spec, counter)
+    top, applied = stack(registry, spec, counter, str(sched_spec))
     solve = Solve(spec, sampler, plan, options, "own" if plan.sigmas else str(sched_spec), sigmas,
                   counter, top, applied)
     # The sampler's own preparation (e.g. fitting a predictor) on the model it will sample

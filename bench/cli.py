@@ -41,8 +41,9 @@ _c = _Consoles()
 def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .cell import resolve_device
     from .distributed import World
-    from .runner import run
+    from .runner import cell_specs, run, validate
     from .store import Run
 
     options = {k: getattr(args, k) for k in DEFAULTS}
@@ -50,7 +51,9 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
     reporters = [registry.get("reporters", name) for name in split_specs(args.report)]
     world = World.from_env()  # under torchrun, rank 0 alone shows progress and reports
     shard, n_shards = config.shard
-    n_cells = len(range(shard, len(config.models) * len(config.methods) * len(config.nfe), n_shards))
+    validate(registry, config)  # every name exists before the grid is counted
+    grid = sum(len(cell_specs(registry, config, m, resolve_device(config.device))) for m in config.models)
+    n_cells = len(range(shard, grid, n_shards))  # after duplicates, with repeats
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -195,16 +195,16 @@ def compare_runs(
         elif h is None:
             out.append(CellComparison(*cell_key(b), "missing", "the head run has no such cell"))
         else:
-            out.append(compare_cell(b, h, tolerances, alpha, (Path(base.dir), Path(head.dir))))
+            out.append(compare_cell(b, h, tolerances, alpha, (base, head)))
     return out
 
 
 def compare_cell(
     b: dict[str, Any], h: dict[str, Any], tolerances: dict[str, Tolerance], alpha: float,
-    dirs: tuple[Path, Path] | None = None,
+    runs: tuple[Run, Run] | None = None,
 ) -> CellComparison:
-    """The verdict on one cell present in both runs; `dirs` are the runs' directories, where
-    their bootstrap replicates are (a paired test when both have them for the same seeds)."""
+    """The verdict on one cell present in both runs; `runs` hold their bootstrap replicates
+    (a paired test when both have them for the same seeds)."""
     cell = CellComparison(*cell_key(b), "same")
     # Not comparable: what identifies the measurement changed (the cell spec decides alone)
     if not (isinstance(b.get("spec"), dict) and isinstance(h.get("spec"), dict)):
@@ -226,7 +226,7 @@ def compare_cell(
         return cell
     # Both ok: every metric, then the calibrated wall-clock
     for name in dict.fromkeys([*b.get("metrics", {}), *h.get("metrics", {})]):
-        pair = paired_replicates(name, b, h, dirs)
+        pair = paired_replicates(name, b, h, runs)
         cell.changes.append(compare_metric(name, b, h, tolerances.get(name, tolerances[ANY]), alpha, pair))
     cell.changes.append(compare_speed(b, h, tolerances[SPEED]))
     verdicts = {c.verdict for c in cell.changes}
@@ -245,18 +245,17 @@ def status_change(base: str | None, head: str | None) -> str:
     return "still failing" if head == "failed" else "same"
 
 
-def paired_replicates(name: str, b: dict[str, Any], h: dict[str, Any], dirs) -> tuple | None:
+def paired_replicates(name: str, b: dict[str, Any], h: dict[str, Any], runs) -> tuple | None:
     """Both runs' bootstrap replicates of metric `name`, when both cells stored them and drew
     the same samples' noise (the same seeds: their spec agrees), else None."""
     import numpy as np
 
-    if dirs is None or b.get("spec") != h.get("spec"):
+    if runs is None or b.get("spec") != h.get("spec"):
         return None
     out = []
-    for record, directory in zip((b, h), dirs, strict=True):
-        rel = record.get("replicates")
-        path = (directory / rel).resolve() if isinstance(rel, str) else None
-        if path is None or not path.is_relative_to(directory.resolve()) or not path.is_file():
+    for record, run in zip((b, h), runs, strict=True):
+        path = run.file(record.get("replicates"))
+        if path is None:
             return None
         with np.load(path) as data:
             if name not in data.files:

@@ -131,20 +131,16 @@ def grid_frame(records: list[dict[str, Any]], text) -> pd.DataFrame:
     return frame
 
 
-def tables(run: Run) -> list[tuple[str, pd.DataFrame]]:
+def tables(run: Run, entries: list[dict[str, Any]] | None = None) -> list[tuple[str, pd.DataFrame]]:
     """(title, method x NFE frame of strings) for each metric, wall-clock and counted NFE."""
     keys = [(m, _metric_title(run, m)) for m in run.metric_names()] + record_keys(run.records)
     groups = by_model(run, pooled=True)
-    marks = verdict_marks(run)
+    marks = verdict_marks(run, verdicts(run) if entries is None else entries)
     out = []
     for model, records in groups.items():
         prefix = f"{model}: " if len(groups) > 1 else ""
-        for key, title in keys:
-            frame = grid_frame(records, lambda r, k=key: marks.get((r["cell_id"], k), "") + cell_text(r, k))
-            floor = floor_of(records, key)
-            if floor is not None:  # what a perfect sampler would score at this n
-                frame.loc[FLOOR_ROW] = fmt(floor["value"], floor.get("std"))
-            out.append((prefix + title, frame))
+        for key, title in keys:  # record fields (no marks, no floor) come out as plain tables
+            out.append((prefix + title, metric_frame(records, key, marks)))
     return out
 
 
@@ -188,8 +184,8 @@ def verdicts(run: Run, level: float = LEVEL) -> list[dict[str, Any]]:
         ok = [r for r in records if r.get("status") == "ok" and r.get("replicates")]
         reps: dict[str, Any] = {}
         for r in ok:
-            path = inside(run, r["replicates"])
-            if path is not None and path.is_file():
+            path = run.file(r["replicates"])
+            if path is not None:
                 with np.load(path) as data:
                     reps[r["cell_id"]] = {k: data[k] for k in data.files}
         for metric in dict.fromkeys(m for r in ok for m in r.get("metrics", {})):
@@ -239,10 +235,10 @@ VERDICT_NOTE = (f"Tied: not significantly worse than the best at level {LEVEL} (
                 "In the tables below ★ marks the best value of a budget, ≈ the values tied with it.")
 
 
-def verdict_marks(run: Run) -> dict[tuple[str, str], str]:
+def verdict_marks(run: Run, entries: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
     """(cell id, metric) -> "★ " for each budget's best, "≈ " for the methods tied with it."""
     marks = {}
-    for e in verdicts(run):
+    for e in entries:
         for r in run.records:
             if r.get("model") == e["model"] and r.get("nfe") == e["nfe"] and r.get("status") == "ok":
                 status = e["methods"].get(r["method"], {}).get("status")
@@ -263,7 +259,8 @@ def render_verdict(run: Run, console: Console) -> Path:
 
 
 def render_console(run: Run, console: Console) -> None:
-    frame = verdict_frame(verdicts(run))
+    entries = verdicts(run)  # once per render: the table here and the marks in every table below
+    frame = verdict_frame(entries)
     if len(frame):
         table = Table(title="Verdict", title_justify="left", caption=VERDICT_NOTE, caption_justify="left")
         table.add_column("metric", style="bold")
@@ -272,7 +269,7 @@ def render_console(run: Run, console: Console) -> None:
         for metric, row in frame.iterrows():
             table.add_row(metric, *row)
         console.print(table)
-    for title, frame in tables(run):
+    for title, frame in tables(run, entries):
         table = Table(title=title, title_justify="left")
         table.add_column("method", style="bold")
         for col in frame.columns:
@@ -321,10 +318,11 @@ def render_markdown(run: Run, console: Console) -> Path:
         f"commit {env.get('commit')}.",
         "",
     ]
-    frame = verdict_frame(verdicts(run))
+    entries = verdicts(run)
+    frame = verdict_frame(entries)
     if len(frame):
         lines += ["## Verdict", "", markdown_table(frame), "", VERDICT_NOTE, ""]
-    for title, frame in tables(run):
+    for title, frame in tables(run, entries):
         lines += [f"## {title}", "", markdown_table(frame), ""]
     issues = problems(run)
     if issues:
@@ -492,7 +490,8 @@ def plot_vs_wall(records: list[dict[str, Any]], metric: str, title: str) -> str:
 
 
 def metric_frame(records: list[dict[str, Any]], metric: str, marks=None) -> pd.DataFrame:
-    """A metric's method x NFE table, the verdict's marks, real data's row when it is known."""
+    """A metric's (or record field's) method x NFE table with the verdict's marks, and real
+    data's row (what a perfect sampler would score at this n) when it is known."""
     marks = marks or {}
     frame = grid_frame(records, lambda r: marks.get((r.get("cell_id"), metric), "") + cell_text(r, metric))
     floor = floor_of(records, metric)
@@ -519,19 +518,10 @@ def _css_class(text: str) -> str:
     return {"failed": ' class="bad"', "infeasible": ' class="dim"'}.get(text, "")
 
 
-def inside(run: Run, relative: Any) -> Path | None:
-    """run.dir / relative when that stays inside the run directory (a record naming
-    /etc/passwd or ../x gets nothing read), else None."""
-    if not isinstance(relative, str) or not relative:
-        return None
-    path = (run.dir / relative).resolve()
-    return path if path.is_relative_to(run.dir.resolve()) else None
-
-
 def grid_image(run: Run, record: dict[str, Any]) -> str:
     """A cell's sample grid (record field `grid`, relative to the run) as an inline image."""
-    path = inside(run, record.get("grid"))
-    if path is None or not path.is_file():
+    path = run.file(record.get("grid"))
+    if path is None:
         return ""
     return f'<img src="{png_data_uri(path.read_bytes())}" alt="{escape(record["method"])}">'
 
@@ -561,9 +551,10 @@ def environment_html(run: Run) -> str:
 def render_html(run: Run, console: Console) -> Path:
     """report.html: tables and plots per metric, sample grids, environment; self-contained."""
     groups = by_model(run, pooled=True)
-    marks = verdict_marks(run)
+    entries = verdicts(run)
+    marks = verdict_marks(run, entries)
     body = [f"<h1>sampler-bench run <code>{escape(run.dir.name)}</code></h1>"]
-    frame = verdict_frame(verdicts(run))
+    frame = verdict_frame(entries)
     if len(frame):
         body += ["<h2>Verdict</h2>", html_table(frame), f"<p>{escape(VERDICT_NOTE)}</p>"]
     body.append(environment_html(run))

@@ -42,6 +42,7 @@ from .errors import Infeasible, ModelLoadError, PluginError, UsageError
 from .images import save_grid
 from .nfe import synchronize
 from .plugins import Registry
+from .stats import bootstrap_b, index_sets
 from .store import CONFIG, FINAL, RESULTS, append_record, read_records, write_json
 from .throughput import DTYPES, accelerate, full_precision
 
@@ -236,13 +237,11 @@ def check_same_sweep(out: Path, config: RunConfig) -> None:
     except (OSError, ValueError):
         raise UsageError(f"{path} is unreadable; give a new --out, or delete the directory") from None
     mine = json.loads(json.dumps(config.identity()))
-    keys = sorted(k for k in set(mine) | set(stored.get("identity", stored)) if k in IDENTITY_KEYS)
-    theirs = stored.get("identity", stored)
-    changed = [k for k in keys if mine.get(k) != theirs.get(k)]
+    changed = [k for k in IDENTITY_KEYS if mine.get(k) != stored.get(k)]
     if changed:
         k = changed[0]
         raise UsageError(
-            f"--out {out} holds another sweep ({k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} "
+            f"--out {out} holds another sweep ({k}: {_short(stored.get(k))} there, {_short(mine.get(k))} "
             f"now{' and ' + str(len(changed) - 1) + ' more' if len(changed) > 1 else ''}); give a new --out, "
             "and join comparable sweeps with bench merge")
 
@@ -271,7 +270,10 @@ def cell_specs(registry: Registry, config: RunConfig, model_spec: str,
         for nfe in config.nfe
         for r in range(config.repeats)  # disjoint seed blocks, each its own cell
     ]
-    return list({spec.id: spec for spec in reversed(specs)}.values())[::-1]  # a duplicate runs once
+    unique: dict[str, CellSpec] = {}
+    for spec in specs:
+        unique.setdefault(spec.id, spec)  # a duplicate (the same cell written twice) runs once
+    return list(unique.values())
 
 
 def _batches(n: int, size: int) -> Iterable[torch.Tensor]:
@@ -346,7 +348,7 @@ def _measure(registry, config: RunConfig, spec: CellSpec, solve: Solve, denoiser
     world.on_main(lambda: floor.update(data_floor(registry, spec, ctx, config.batch_size)))
     tally = Tally(grid=config.run_dir() / GRIDS / f"{spec.id}.png",
                   replicates=config.run_dir() / REPLICATES / f"{spec.id}.npz",
-                  bootstrap=config.metric_options.get("bootstrap"))
+                  bootstrap=bootstrap_b(config.metric_options))
     batches = list(enumerate(_batches(spec.num_samples, config.batch_size)))
     for k, mine in enumerate(world.deal(batches)):
         # Each rank samples its batch of the round (a round is one batch in one process)
@@ -356,7 +358,7 @@ def _measure(registry, config: RunConfig, spec: CellSpec, solve: Solve, denoiser
             on_batch(spec.id, min(len(batches), (k + 1) * world.size), len(batches))
     # The cell's numbers, on rank 0
     out: dict[str, Any] = {"status": "ok", **({"floor": floor} if floor else {})}
-    world.on_main(lambda: out.update(_finish(states, tally, solve.plan)))
+    world.on_main(lambda: out.update(_finish(states, tally, solve.plan, spec.num_samples)))
     return out
 
 
@@ -368,12 +370,13 @@ def data_floor(registry: Registry, spec: CellSpec, ctx: MetricContext, batch_siz
     out: dict[str, Any] = {}
     if draw is None:
         return out
+    x = None  # the real samples, drawn once for every metric that needs them
     for name, _ in spec.metrics:
         metric = registry.get("metrics", name)
         key = ("floor", name, spec.num_samples)
         if metric.floor and key not in ctx.cache:
             state = metric.create(ctx)
-            x = draw(spec.num_samples, 0).to(ctx.device)
+            x = draw(spec.num_samples, 0).to(ctx.device) if x is None else x
             for start in range(0, len(x), batch_size):
                 xb = x[start:start + batch_size]
                 idx = torch.arange(start, start + len(xb))
@@ -411,8 +414,7 @@ class Tally:
     nfe: set[int] = field(default_factory=set)
     grid: Path | None = None  # where the first batch's PNG grid goes, once it is saved
     replicates: Path | None = None  # where the metrics' paired bootstrap replicates go
-    bootstrap: Any = None  # B, the bootstrap's replicate count (metric option), or the default
-    n: int = 0  # samples fed to the metrics
+    bootstrap: int = 0  # B, the bootstrap's replicate count (the run's metric option `bootstrap`)
 
     def feed(self, parts: list[Sampled | None], states: dict[str, Any], device, sigma_max: float) -> None:
         """Add a round's batches, in batch order, and feed them to the metrics."""
@@ -426,14 +428,13 @@ class Tally:
                           seeds=s.seeds)
             for state in states.values():
                 state.update(batch)
-            self.n += len(s.x0)
             self.metric_s += time.perf_counter() - start
             # The first samples as a PNG grid beside the results
             if self.grid is not None and int(s.indices[0]) == 0:
                 save_grid(s.x0, self.grid)
 
 
-def _finish(states, tally: Tally, plan) -> dict[str, Any]:
+def _finish(states, tally: Tally, plan, n: int) -> dict[str, Any]:
     """The cell's record fields once every batch is in: metrics, counted NFE, times."""
     metrics = {}
     for name, state in states.items():
@@ -443,7 +444,7 @@ def _finish(states, tally: Tally, plan) -> dict[str, Any]:
             metrics[key] = value.to_json()
     if len(tally.nfe) != 1:
         raise PluginError(f"sampler spent different NFE on different batches: {sorted(tally.nfe)}")
-    saved = save_replicates(states, tally)
+    saved = save_replicates(states, tally, n)
     counted_nfe = next(iter(tally.nfe))
     out = {
         "nfe_counted": counted_nfe,
@@ -462,17 +463,14 @@ def _finish(states, tally: Tally, plan) -> dict[str, Any]:
     return out
 
 
-def save_replicates(states: dict[str, Any], tally: Tally) -> Path | None:
+def save_replicates(states: dict[str, Any], tally: Tally, n: int) -> Path | None:
     """Every metric's bootstrap replicates on the shared index sets (bench.stats.index_sets:
     the same rows for every cell of n samples, so two cells' replicates are paired), written
     atomically to the run directory; None when no metric has replicates."""
-    from .stats import bootstrap_b, index_sets
-
-    b = bootstrap_b({"bootstrap": tally.bootstrap} if tally.bootstrap is not None else {})
     with_reps = [st for st in states.values() if callable(getattr(st, "replicates", None))]
-    if not with_reps or tally.replicates is None or b < 2 or tally.n < 2:
+    if not with_reps or tally.replicates is None or tally.bootstrap < 2 or n < 2:
         return None
-    rows = index_sets(tally.n, b)
+    rows = index_sets(n, tally.bootstrap)  # the rows result() took its std from: computed once
     arrays = {k: np.asarray(v, dtype=np.float64) for st in with_reps for k, v in st.replicates(rows).items()}
     tally.replicates.parent.mkdir(parents=True, exist_ok=True)
     tmp = tally.replicates.with_name(f".{tally.replicates.name}.tmp")

@@ -104,6 +104,15 @@ class Run:
         config = json.loads((d / CONFIG).read_text()) if (d / CONFIG).exists() else {}
         return cls(d, config, latest(read_records(d / RESULTS)))
 
+    def file(self, relative: Any) -> Path | None:
+        """The file a record names (`grid`, `replicates`), relative to the run directory, when
+        it exists and stays inside it; None otherwise (a record naming /etc/passwd or ../x
+        gets nothing read)."""
+        if not isinstance(relative, str) or not relative:
+            return None
+        path = (self.dir / relative).resolve()
+        return path if path.is_relative_to(self.dir.resolve()) and path.is_file() else None
+
     def metric_names(self) -> list[str]:
         names: dict[str, None] = {}
         for r in self.records:

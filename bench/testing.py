@@ -434,14 +434,11 @@ def check_modifier(
     what the model computes."""
     modifier = registry().get("modifiers", name)
     base = load_model(model, torch.device("cpu"), registry=registry()) if isinstance(model, str) else model
-    given = resolve_options("modifier", name, modifier.options, dict(options or {}))
-    if modifier.takes_cell:  # the cell it runs in, as a run gives it
-        given["cell"] = {"model": getattr(base, "spec", ""), "sampler": sampler, "nfe": nfe}
     mod = Spec(name, tuple((k, str(v)) for k, v in (options or {}).items()))
     case = Case.of(sampler, model=base, modifiers=(mod,))
-    # A Denoiser comes back, and sampling through it is counted: the network's calls equal the counter's
-    check_denoiser(modifier.apply(CountingDenoiser(base), **given))
-    case.solver(nfe)  # built (a modifier may probe the model once) before the calls are counted
+    # A Denoiser comes back (built as a run builds it, before the calls below are counted: a
+    # modifier may probe the model once), and sampling through it is counted
+    check_denoiser(case.solver(nfe).model)
     calls = []
     hook = (base.net or base).register_forward_pre_hook(lambda *_: calls.append(1))
     try:

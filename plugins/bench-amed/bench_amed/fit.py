@@ -80,17 +80,13 @@ def teacher_points(model, x_T: Tensor, sigmas: Tensor, options: FitOptions) -> l
     """The teacher's solution at each student sigma: [x_T, x(sigma_1), ..., x(sigma_min)]."""
     stride = -(-options.teacher_steps // (len(sigmas) - 1))  # M + 1 teacher steps per interval
     points = [x_T]
-
-    def keep(info) -> None:
-        if (info["i"] + 1) % stride == 0:
-            points.append(info["x"])
-
     # The teacher's steps over the refined grid, keeping the points at the student's sigmas
     step, fine, x = TEACHERS[options.teacher], [float(s) for s in refine(sigmas, stride - 1)], x_T
     with torch.no_grad():
         for i in range(len(fine) - 1):
             x = step(model, x, fine[i], fine[i + 1])
-            keep({"i": i, "x": x})
+            if (i + 1) % stride == 0:
+                points.append(x)
     return points
 
 
