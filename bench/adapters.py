@@ -2,7 +2,8 @@
 
 Karras et al. (2022), Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
 `Preconditioned` covers continuous-time EDM, VP and VE networks; `DiscreteVP` covers
-DDPM-style networks on integer timesteps with alphas_cumprod (eps, v or x0 prediction).
+DDPM-style networks on integer timesteps with alphas_cumprod (eps, v or x0 prediction);
+`Flow` covers flow-matching (rectified flow) networks on x_t = (1 - t) x0 + t eps.
 """
 
 from __future__ import annotations
@@ -147,3 +148,47 @@ class DiscreteVP(Denoiser):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "time": "discrete", "timesteps": len(self.discrete_sigmas),
                 "prediction": self.prediction}
+
+
+FLOW_PREDICTIONS = ("velocity", "sample", "epsilon")
+
+
+class Flow(Denoiser):
+    """A flow-matching (rectified flow) network `net_fn(x_t, t * time_scale, **cond)` on
+    x_t = (1 - t) x0 + t eps, t in [0, 1], predicting the velocity v = eps - x0
+    ("velocity", SD3 / Flux / SiT), x0 ("sample") or eps ("epsilon").
+
+    This is the sigma formulation exactly: x_t = (1 - t) x_sigma with sigma = t / (1 - t),
+    so t = sigma / (1 + sigma), x_t = x / (1 + sigma) and D(x, sigma) = x_t - t v. The
+    samplers are unchanged. t = 1 is sigma = inf, so the range is [t_min, t_max] in t
+    (sigma_max = t_max / (1 - t_max)); starting at t_max from eps * sigma_max differs from
+    the true x_{t_max} by (1 - t_max) x0.
+    """
+
+    def __init__(self, net_fn: NetFn, shape, *, prediction: str = "velocity",
+                 net: torch.nn.Module | None = None, time_scale: float = 1.0,
+                 t_min: float = 1e-3, t_max: float = 1 - 1e-3, sigma_data: float = 0.5) -> None:
+        super().__init__()
+        if prediction not in FLOW_PREDICTIONS:
+            raise UsageError(f"unknown flow prediction '{prediction}'; use one of {', '.join(FLOW_PREDICTIONS)}")
+        if not 0 < t_min < t_max < 1:
+            raise UsageError(f"flow time range [{t_min}, {t_max}] must satisfy 0 < t_min < t_max < 1")
+        self.net_fn, self.net, self.prediction = net_fn, net, prediction
+        self.shape, self.sigma_data, self.time_scale = tuple(shape), sigma_data, time_scale
+        self.sigma_min, self.sigma_max = t_min / (1 - t_min), t_max / (1 - t_max)
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        # x_t and t from x_sigma and sigma; the network sees t on its own time scale
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        t = s / (1 + s)
+        x_t = x / (1 + s)
+        f = self.net_fn(x_t, (t.reshape(-1) * self.time_scale).to(x.dtype), **cond)
+        if self.prediction == "velocity":
+            return x_t - t * f
+        if self.prediction == "sample":
+            return f
+        return (x_t - t * f) / (1 - t)  # epsilon
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "time": "flow", "prediction": self.prediction,
+                "time_scale": self.time_scale}

@@ -248,6 +248,7 @@ class Sampled:
     extra_cost: float
     wall: float
     model_s: float
+    decode_s: float = 0.0  # the model's decode (a latent model's VAE), timed apart
 
 
 @dataclass
@@ -286,7 +287,9 @@ class Solve:
             noise = SampleNoise(noise_seed, indices, shape, device)
             noise()
         stream = NoiseAhead(noise, self.draws, eps)
+        self.model.select(indices)  # the batch's conditioning (its prompts, say)
         self.counter.reset()
+        self.counter.batch = len(indices)
         synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
@@ -295,8 +298,16 @@ class Solve:
         synchronize(device)
         wall = time.perf_counter() - start
         self.draws = stream.draws
-        return Sampled(x0, eps, indices, seeds, self.counter.nfe, self.counter.extra,
-                       self.counter.extra_cost, wall, self.counter.model_s)
+        sampled = Sampled(x0, eps, indices, seeds, self.counter.nfe, self.counter.extra,
+                          self.counter.extra_cost, wall, self.counter.model_s)
+        # The images: a latent model decodes its samples, outside the sampling time
+        start = time.perf_counter()
+        with torch.inference_mode():
+            images = self.model.decode(x0)
+        synchronize(device)
+        if images is not x0:
+            sampled.x0, sampled.decode_s = images, time.perf_counter() - start
+        return sampled
 
     def record(self) -> dict[str, Any]:
         """The plan's and preparation's fields of the cell's record."""

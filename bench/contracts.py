@@ -61,6 +61,15 @@ class Denoiser(torch.nn.Module):
         """The nearest sigma the model was trained on (identity for continuous time)."""
         return torch.as_tensor(sigma)
 
+    def select(self, indices: Tensor) -> None:
+        """Fix the conditioning of the next batch: the samples at cell positions `indices`
+        (a text model takes prompt i for sample i). Unconditional models ignore it."""
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """The images of the model's samples (a latent model's VAE decode; identity in
+        pixel space), in the data range metrics expect. Not counted as NFE; timed apart."""
+        return x0
+
     def describe(self) -> dict[str, Any]:
         """What reports record about the model (subclasses add parameterization, weights)."""
         return {
@@ -77,7 +86,7 @@ class DenoiserWrapper(Denoiser):
 
     It takes the inner model's sigma range, sigma_data, shape, spec and has_bottleneck
     (a subclass may set others after `super().__init__`, e.g. a new shape), forwards
-    round_sigma, describe, `net` and any attribute it lacks (an analytic model's moments,
+    round_sigma, select, decode, describe, `net` and any attribute it lacks (an analytic model's moments,
     say) to it, and by default calls it. The network is reached through `inner`, never
     registered twice, so state dicts and fingerprints stay those of the model.
     """
@@ -102,6 +111,12 @@ class DenoiserWrapper(Denoiser):
 
     def round_sigma(self, sigma: Tensor | float) -> Tensor:
         return self.inner.round_sigma(sigma)
+
+    def select(self, indices: Tensor) -> None:
+        self.inner.select(indices)
+
+    def decode(self, x0: Tensor) -> Tensor:
+        return self.inner.decode(x0)
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()

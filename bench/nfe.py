@@ -5,7 +5,9 @@ model, under any modifiers, so extra network calls a modifier makes are counted 
 Calls at `count_shape` (the sampling resolution, which the runner sets after modifiers)
 spend the budget; calls at another resolution are tallied apart as `extra`, and as
 `extra_cost` in budget calls (pixels relative to count_shape, the FLOP ratio of a
-convolutional network).
+convolutional network). A call on k times the batch (`batch`, which the cell sets: a
+guidance modifier's conditional and unconditional halves in one call) spends one NFE of
+the budget and adds k - 1 to `extra_cost`, so `nfe_equiv` counts the network's work.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class CountingDenoiser(DenoiserWrapper):
         self.extra = 0
         self.extra_cost = 0.0
         self.model_s = 0.0
+        self.batch: int | None = None  # the samples per batch, set by the cell
 
     def reset(self) -> None:
         self.nfe, self.extra, self.extra_cost, self.model_s = 0, 0, 0.0, 0.0
@@ -50,6 +53,8 @@ class CountingDenoiser(DenoiserWrapper):
                     f"sampler made network call {self.nfe + 1} on a budget of {self.budget} NFE"
                 )
             self.nfe += 1
+            if self.batch and x.shape[0] > self.batch:
+                self.extra_cost += x.shape[0] / self.batch - 1
         else:
             self.extra += 1
             self.extra_cost += x[0].numel() / math.prod(self.count_shape)

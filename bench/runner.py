@@ -408,6 +408,7 @@ class Tally:
 
     wall: float = 0.0
     model_s: float = 0.0
+    decode_s: float = 0.0
     metric_s: float = 0.0
     extra: int = 0
     extra_cost: float = 0.0
@@ -421,6 +422,7 @@ class Tally:
         for s in filter(None, parts):
             self.wall += s.wall
             self.model_s += s.model_s
+            self.decode_s += s.decode_s
             self.nfe.add(s.nfe)
             self.extra, self.extra_cost = max(self.extra, s.extra), max(self.extra_cost, s.extra_cost)
             start = time.perf_counter()
@@ -454,6 +456,7 @@ def _finish(states, tally: Tally, plan, n: int) -> dict[str, Any]:
         "model_s": tally.model_s,
         "overhead_s": tally.wall - tally.model_s,
         "metric_s": tally.metric_s,
+        **({"decode_s": tally.decode_s} if tally.decode_s else {}),
         "metrics": metrics,
         **({"grid": f"{GRIDS}/{tally.grid.name}"} if tally.grid and tally.grid.is_file() else {}),
         **({"replicates": f"{REPLICATES}/{saved.name}"} if saved else {}),
