@@ -87,7 +87,7 @@ ENTRIES = [
         config={**MULTISTEP, "algorithm_type": "sde-dpmsolver++", "solver_type": "midpoint",
                 "euler_at_final": False, **SIGMAS, "final_sigmas_type": "zero", **SPACING},
         choices={"algorithm_type": SDE, "solver_type": ("midpoint", "heun")},
-        orders=(1, 2), stochastic=True,
+        orders=(1, 2, 3), stochastic=True,
     ),
     Entry(
         "diffusers-dpmsolver-singlestep", "DPMSolverSinglestepScheduler", "scheduling_dpmsolver_singlestep",

@@ -38,6 +38,7 @@ CASES = [
     ("diffusers-dpmsolver-multistep", {}, "eps"),
     ("diffusers-dpmsolver-multistep", {"solver_order": 3, "use_karras_sigmas": True}, "eps"),
     ("diffusers-dpmsolver-multistep-sde", {}, "eps"),
+    ("diffusers-dpmsolver-multistep-sde", {"solver_order": 3}, "eps"),
     ("diffusers-dpmsolver-singlestep", {}, "eps"),
     ("diffusers-dpmsolver-singlestep", {"solver_order": 3}, "eps"),
     ("diffusers-unipc", {}, "eps"),
