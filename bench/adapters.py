@@ -163,18 +163,27 @@ class Flow(Denoiser):
     samplers are unchanged. t = 1 is sigma = inf, so the range is [t_min, t_max] in t
     (sigma_max = t_max / (1 - t_max)); starting at t_max from eps * sigma_max differs from
     the true x_{t_max} by (1 - t_max) x0.
+
+    `flow = True` tells plugins it is a flow model; `default_schedule` ("flow": uniform in
+    t, bench-classic) is the schedule a run uses where the method names none.
     """
+
+    flow = True
 
     def __init__(self, net_fn: NetFn, shape, *, prediction: str = "velocity",
                  net: torch.nn.Module | None = None, time_scale: float = 1.0,
-                 t_min: float = 1e-3, t_max: float = 1 - 1e-3, sigma_data: float = 0.5) -> None:
+                 t_min: float = 1e-3, t_max: float = 1 - 1e-3, sigma_data: float = 0.5,
+                 default_schedule: str | None = "flow") -> None:
         super().__init__()
+        self.default_schedule = default_schedule
         if prediction not in FLOW_PREDICTIONS:
-            raise UsageError(f"unknown flow prediction '{prediction}'; use one of {', '.join(FLOW_PREDICTIONS)}")
+            raise UsageError(f"unknown flow prediction '{prediction}'; "
+                             f"use one of {', '.join(FLOW_PREDICTIONS)}")
         if not 0 < t_min < t_max < 1:
             raise UsageError(f"flow time range [{t_min}, {t_max}] must satisfy 0 < t_min < t_max < 1")
         self.net_fn, self.net, self.prediction = net_fn, net, prediction
         self.shape, self.sigma_data, self.time_scale = tuple(shape), sigma_data, time_scale
+        self.t_min, self.t_max = t_min, t_max
         self.sigma_min, self.sigma_max = t_min / (1 - t_min), t_max / (1 - t_max)
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
@@ -191,4 +200,5 @@ class Flow(Denoiser):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "time": "flow", "prediction": self.prediction,
-                "time_scale": self.time_scale}
+                "time_scale": self.time_scale, "t_min": self.t_min, "t_max": self.t_max,
+                **({"default_schedule": self.default_schedule} if self.default_schedule else {})}

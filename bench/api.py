@@ -38,6 +38,10 @@ DEFAULTS: dict[str, Any] = {
     "trust_pickle": False,
     "fid_weights": None,
     "ref_stats": None,
+    "prompts": None,
+    "cell_timeout": 1800.0,
+    "metric_option": None,
+    "save_samples": False,
 }
 
 
@@ -127,13 +131,62 @@ def config_from(registry, command: str = "", **options: Any):
         metrics=split_specs(o["metrics"]) if o["metrics"] else None,
         out=Path(o["out"]) if o["out"] is not None else None,
         command=command,
-        model_options={"trust_pickle": bool(o["trust_pickle"])},
-        metric_options={k: str(o[k]) for k in ("fid_weights", "ref_stats") if o[k]},
+        model_options={"trust_pickle": bool(o["trust_pickle"]),
+                       **({"prompts": str(o["prompts"])} if o["prompts"] else {})},
+        prompts=prompt_set_digest(o["prompts"]),
+        metric_options=metric_options(o),
+        save_samples=bool(o["save_samples"]),
         dtype=o["dtype"],
         channels_last=bool(o["channels_last"]),
         compile=bool(o["compile"]),
         shard=parse_shard(o["shard"]) if o["shard"] else (0, 1),
+        cell_timeout=seconds("--cell-timeout", o["cell_timeout"]),
     )
+
+
+def prompt_set_digest(path: Any) -> str:
+    """The digest of a --prompts file (read and checked now: a bad file exits 2), or ""."""
+    from .conditioning import prompts_digest, read_prompts
+
+    return prompts_digest(read_prompts(path)) if path else ""
+
+
+def metric_options(o: dict[str, Any]) -> dict[str, str]:
+    """--fid-weights, --ref-stats and each --metric-option KEY=VALUE (a comma list, a list of
+    them or a dict) as one dict of strings; a key given twice with two values is a UsageError."""
+    from .errors import UsageError
+
+    out = {k: str(o[k]) for k in ("fid_weights", "ref_stats") if o[k]}
+    given = o["metric_option"] or {}
+    if isinstance(given, dict):
+        pairs = [(str(k), str(v)) for k, v in given.items()]
+    else:
+        pairs = []
+        for item in split_specs(given):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise UsageError(f"--metric-option: '{item}' is not KEY=VALUE, e.g. clip=DIR")
+            pairs.append((key.strip(), value.strip()))
+    for key, value in pairs:
+        if out.get(key, value) != value:
+            raise UsageError(f"--metric-option: {key} is given twice ({out[key]}, {value}); give it once")
+        out[key] = value
+    return out
+
+
+def seconds(flag: str, value: Any) -> float:
+    """A non-negative finite number of seconds (0: no limit), or a UsageError."""
+    import math
+
+    from .errors import UsageError
+
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = math.nan
+    if not (math.isfinite(out) and out >= 0):
+        raise UsageError(f"{flag}: '{value}' is not a number of seconds >= 0 (0: no limit)")
+    return out
 
 
 def run(**options: Any):

@@ -1,5 +1,5 @@
 """The host's own plugin: analytic models, the digits models, checkpoint sources, built-in
-metrics and reporters, and `bench train-digits`.
+metrics and reporters, classifier-free guidance (`cfg`) and `bench train-digits`.
 
 Registered through the `bench` entry point exactly like a third-party plugin, and as
 import-light as one should be: each hook imports what it registers.
@@ -25,11 +25,21 @@ def register_models(register):
 
 
 @hookimpl
+def register_modifiers(register):
+    from .conditioning import MODIFIERS
+
+    for modifier in MODIFIERS:
+        register(modifier)
+
+
+@hookimpl
 def register_metrics(register):
+    from .clip import METRIC as CLIP
     from .fidelity import METRICS as FEATURE_METRICS
     from .metrics import METRICS
+    from .reference import METRIC as REFERENCE
 
-    for metric in [*METRICS, *FEATURE_METRICS]:
+    for metric in [*METRICS, REFERENCE, *FEATURE_METRICS, CLIP]:
         register(metric)
 
 
@@ -79,5 +89,8 @@ def register_commands(subparsers):
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--limit", type=int, default=None, help="train on the first N digits only")
     p.add_argument("--channels", default=None, help="channels per level, the last the bottleneck's")
+    p.add_argument("--objective", default="edm",
+                   help="edm (model digits) or flow: rectified flow, velocity (model digits-flow, "
+                        "shipped as bench/assets/digits-flow-unet.safetensors)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=deferred("bench.digits:cmd_train_digits"))

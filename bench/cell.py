@@ -12,19 +12,20 @@ and `bench compare` judges from it alone whether two cells can be compared.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .contracts import Denoiser, Plan, Sampler, check_denoiser, resolve_options
-from .errors import BenchError, ModelLoadError, PluginError, UsageError
+from .errors import BenchError, Infeasible, ModelLoadError, PluginError, UsageError
 from .nfe import CountingDenoiser, synchronize
 from .seeding import SampleNoise
 
@@ -84,12 +85,13 @@ def sorted_spec(spec: Spec | None) -> str | None:
     return None if spec is None else str(Spec(spec.name, tuple(sorted(dict(spec.options).items()))))
 
 
-def canonical_method(registry, method: Method) -> Method:
+def canonical_method(registry, method: Method, model_schedule: str | None = None) -> Method:
     """The method with registered names (aliases resolved), checked options and its schedule
-    resolved (the sampler's default when none is named); with CellSpec's order-free identity,
-    equal methods give equal cells."""
+    resolved (the model's preferred one, `Denoiser.default_schedule`, else the sampler's
+    default, when none is named); with CellSpec's order-free identity, equal methods give
+    equal cells."""
     sampler = canonical(registry, "samplers", method.sampler)
-    default = Spec.parse(registry.get("samplers", sampler.name).default_schedule)
+    default = Spec.parse(model_schedule or registry.get("samplers", sampler.name).default_schedule)
     schedule = canonical(registry, "schedules", method.schedule or default)
     mods = tuple(canonical(registry, "modifiers", m) for m in method.modifiers)
     return Method(sampler, schedule, mods)
@@ -127,6 +129,7 @@ class CellSpec:
     dtype: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    prompts: str = ""  # the digest of the run's --prompts file (bench.prompts), if one was given
 
     # What cells are matched by across runs, and what else must agree for a comparison
     KEY = ("model", "sampler", "schedule", "modifiers", "nfe")
@@ -146,6 +149,7 @@ class CellSpec:
             "metric_options": dict(self.metric_options),
             "device": self.device,
             **speed,
+            **({"prompts": self.prompts} if self.prompts else {}),
         }
 
     @property
@@ -211,9 +215,22 @@ def load_model(spec: str, device: torch.device | str = "cpu", registry=None,
     check_denoiser(denoiser)
     denoiser.spec = spec
     denoiser = denoiser.to(device).eval()
-    # One untimed call, so the first cell does not pay for lazy initialisation
-    with torch.inference_mode():
-        denoiser(torch.zeros(1, *denoiser.shape, device=device), denoiser.sigma_max)
+    # One untimed call, so the first cell does not pay for lazy initialisation; it also
+    # checks, before any sampling, that the network takes and returns the declared shape
+    x = torch.zeros(1, *denoiser.shape, device=device)
+    try:
+        with torch.inference_mode():
+            out = denoiser(x, denoiser.sigma_max)
+    except (UsageError, ModelLoadError):
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelLoadError(f"model '{spec}' fails on a batch of declared shape {tuple(denoiser.shape)}: "
+                             f"{type(exc).__name__}: {first[:200]}; check its shape") from None
+    out = out[0] if isinstance(out, tuple) else out
+    if tuple(out.shape) != tuple(x.shape):
+        raise ModelLoadError(f"model '{spec}' returns shape {tuple(out.shape)[1:]} for declared shape "
+                             f"{tuple(denoiser.shape)}; declare the shape it denoises")
     return denoiser
 
 
@@ -222,9 +239,15 @@ def load_model(spec: str, device: torch.device | str = "cpu", registry=None,
 
 def make_sigmas(schedule, options, plan: Plan, denoiser: Denoiser, device) -> Tensor:
     """The schedule's sigmas for a plan (or the sampler's own), checked: plan.steps + 1 of
-    them, decreasing."""
+    them, decreasing. A searched schedule needs its cell (`fit_schedule`): here its options
+    are checked and it is Infeasible."""
     if plan.sigmas is not None:  # the sampler's own time steps
         sigmas, what = plan.sigmas(denoiser, device), "the sampler's own time steps"
+    elif schedule.fit is not None:  # a searched schedule: build searches it for its cell (fit_schedule)
+        if schedule.estimate is not None:  # its options checked
+            schedule.estimate(plan.steps, denoiser.sigma_min, denoiser.sigma_max, to_zero=plan.to_zero,
+                              denoiser=denoiser, device=device, cell=None, **options)
+        raise Infeasible(f"schedule '{schedule.name}' is searched for its cell; build the cell (bench.build)")
     else:
         sigmas = schedule.sigmas(plan.steps, denoiser.sigma_min, denoiser.sigma_max, to_zero=plan.to_zero,
                                  denoiser=denoiser, device=device, **options)
@@ -233,6 +256,25 @@ def make_sigmas(schedule, options, plan: Plan, denoiser: Denoiser, device) -> Te
     if len(sigmas) != plan.steps + 1 or not bool((sigmas[:-1] > sigmas[1:]).all()):
         raise PluginError(f"{what} gave {len(sigmas)} sigmas for {plan.steps} steps or they do not decrease")
     return sigmas
+
+
+def fit_schedule(schedule, options, plan: Plan, denoiser: Denoiser, device,
+                 cell: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """A searched schedule's sigmas for the cell (`Schedule.fit`), checked as make_sigmas
+    checks them, and the record of its search: its network calls on a counter outside the
+    budget and its seconds (schedule_fit_nfe, schedule_fit_s), and what it says it did."""
+    counter, found = CountingDenoiser(denoiser), {}
+
+    def search(*args: Any, **kwargs: Any) -> Tensor:
+        sigmas, info = schedule.fit(*args, cell=cell, **kwargs)
+        found.update(info)
+        return sigmas
+
+    start = time.perf_counter()
+    sigmas = make_sigmas(replace(schedule, sigmas=search, fit=None), options, plan, counter, device)
+    plain = {k: v for k, v in found.items() if isinstance(v, str | int | float | bool)}
+    return sigmas, {"schedule_fit_nfe": counter.nfe + counter.extra,
+                    "schedule_fit_s": time.perf_counter() - start, "schedule_fitted": plain}
 
 
 @dataclass
@@ -366,21 +408,43 @@ def stack(registry, spec: CellSpec, counter: CountingDenoiser, schedule: str) ->
     model: Denoiser = counter
     applied = []
     for mod in spec.method.modifiers:
-        modifier = registry.get("modifiers", mod.name)
-        params = resolve_options("modifier", mod.name, modifier.options, dict(mod.options))
-        if modifier.takes_cell:
-            params["cell"] = {"model": spec.model, "sampler": str(spec.method.sampler),
-                              "schedule": schedule, "nfe": spec.nfe}
-        model = modifier.apply(model, **params)
+        model = apply_modifier(registry, spec, mod, model, schedule)
         applied.append(getattr(model, "applied", None) or str(mod))
     counter.count_shape = tuple(model.shape)
     return model, applied
 
 
+def apply_modifier(registry, spec: CellSpec, mod: Spec, model: Denoiser, schedule: str) -> Denoiser:
+    """One modifier of the cell on `model`, with its options (and the cell, if it takes it)."""
+    modifier = registry.get("modifiers", mod.name)
+    params = resolve_options("modifier", mod.name, modifier.options, dict(mod.options))
+    if modifier.takes_cell:
+        params["cell"] = {"model": spec.model, "sampler": str(spec.method.sampler),
+                          "schedule": schedule, "nfe": spec.nfe}
+    return modifier.apply(model, **params)
+
+
+def target_model(registry, spec: CellSpec, model: Denoiser, cache: dict[Any, Any]) -> Denoiser:
+    """The model whose ODE the cell solves: `model` with the cell's target modifiers
+    (`Modifier.target`, guidance) applied in order, uncounted; one object per modifier chain
+    for the run (`cache`), so a fingerprint memo keyed by it stays valid."""
+    chain = tuple(m for m in spec.method.modifiers if registry.get("modifiers", m.name).target)
+    if not chain:
+        return model
+    key = ("target-model", id(model), tuple(sorted_spec(m) for m in chain))
+    if key not in cache:
+        target = model
+        for mod in chain:
+            target = apply_modifier(registry, spec, mod, target, str(spec.method.schedule))
+        cache[key] = (model, target)  # the model kept alive with it: its id stays its own
+    return cache[key][1]
+
+
 def build(registry, spec: CellSpec, model: Denoiser, device: torch.device | str | None = None,
           prepare_kwargs: Mapping[str, Any] | None = None) -> Solve:
     """The cell ready to sample: options resolved, the budget planned (Infeasible if it
-    cannot be spent exactly), sigmas made, the NFE counter on the model and the modifiers on
+    cannot be spent exactly), sigmas made (a searched schedule searched for the cell, outside
+    the budget: schedule_fit_nfe, schedule_fit_s), the NFE counter on the model and the modifiers on
     the counter, then the sampler's `prepare` run on that very stack, outside the budget
     (its calls and seconds recorded as prepare_nfe, prepare_s). `prepare_kwargs` reach
     `prepare` as keywords (a plugin's own command, e.g. `bench fit`'s force and out)."""
@@ -392,10 +456,16 @@ def build(registry, spec: CellSpec, model: Denoiser, device: torch.device | str 
     plan = plan_cell(sampler, spec.nfe, options)
     options = {**options, **plan.options}
     # The sigmas: the schedule's (the sampler's default if none is named), or the sampler's own
-    sched_spec = spec.method.schedule or Spec.parse(sampler.default_schedule)
+    sched_spec = spec.method.schedule or Spec.parse(getattr(model, "default_schedule", None)
+                                                    or sampler.default_schedule)
     schedule = registry.get("schedules", sched_spec.name)
     sched_options = resolve_options("schedule", schedule.name, schedule.options, dict(sched_spec.options))
-    sigmas = make_sigmas(schedule, sched_options, plan, model, device)
+    fitted: dict[str, Any] = {}
+    if schedule.fit is not None and plan.sigmas is None:  # searched for this cell, counted apart
+        cell = {"model": spec.model, "sampler": sampler.name, "sampler_options": options, "nfe": spec.nfe}
+        sigmas, fitted = fit_schedule(schedule, sched_options, plan, model, device, cell)
+    else:
+        sigmas = make_sigmas(schedule, sched_options, plan, model, device)
     # The counter on the model, the modifiers on the counter
     counter = CountingDenoiser(model, budget=spec.nfe)
     top, applied = stack(registry, spec, counter, str(sched_spec))
@@ -415,5 +485,69 @@ def build(registry, spec: CellSpec, model: Denoiser, device: torch.device | str 
         solve.prep = {"prepare_nfe": counter.nfe + counter.extra, "prepare_s": time.perf_counter() - start,
                       "prepared": plain}  # what prepare chose (e.g. which predictor)
         counter.reset()
+    solve.prep.update(fitted)
     return solve
 
+
+
+def fit_notices(registry, config) -> list[str]:
+    """One line per cell of the run whose fit stage (a searched schedule's search, a sampler's
+    prepare) is not cached, with its estimated network calls and seconds (from forward passes
+    timed at the fit's batch sizes); none, and no model loaded, when no method has one."""
+    from .runner import calibrate, cell_specs  # the runner builds on this module
+
+    def staged(method: Method) -> bool:
+        sampler = registry.get("samplers", method.sampler.name)
+        sched = registry.get("schedules", (method.schedule or Spec.parse(sampler.default_schedule)).name)
+        return sched.estimate is not None or sampler.estimate is not None
+    if not any(staged(m) for m in config.methods):
+        return []
+    lines, seen = [], set()
+    for model_spec in config.models:
+        device = resolve_device(config.device)
+        model = load_model(model_spec, device, registry, config.model_options)
+        call_s = functools.cache(functools.partial(_forward_s, calibrate, model, device))
+        for spec in cell_specs(registry, config, model_spec, device, model.default_schedule):
+            label = (model_spec, str(spec.method), spec.nfe)
+            if label in seen:
+                continue
+            seen.add(label)
+            try:
+                lines += _estimates(registry, spec, model, device, call_s)
+            except Exception:  # noqa: S112 -- the cell itself reports what is wrong
+                continue
+    return lines
+
+
+def _forward_s(calibrate, model: Denoiser, device, batch: int) -> float:
+    return calibrate(model, batch, device, repeats=3)
+
+
+def _estimates(registry, spec: CellSpec, model: Denoiser, device, call_s) -> list[str]:
+    sampler = registry.get("samplers", spec.method.sampler.name)
+    options = resolve_options("sampler", sampler.name, sampler.options, dict(spec.method.sampler.options))
+    plan = plan_cell(sampler, spec.nfe, options)
+    options = {**options, **plan.options}
+    sched_spec = spec.method.schedule or Spec.parse(sampler.default_schedule)
+    schedule = registry.get("schedules", sched_spec.name)
+    sched_options = resolve_options("schedule", schedule.name, schedule.options, dict(sched_spec.options))
+    where, out, sigmas = f"{spec.method.label(sampler.default_schedule)} @ NFE {spec.nfe}", [], None
+    if schedule.fit is not None and plan.sigmas is None:
+        cell = {"model": spec.model, "sampler": sampler.name, "sampler_options": options, "nfe": spec.nfe}
+        args = (plan.steps, model.sigma_min, model.sigma_max)
+        est = schedule.estimate(*args, to_zero=plan.to_zero, denoiser=model, device=device, cell=cell,
+                                call_s=call_s, **sched_options) if schedule.estimate else None
+        if est:
+            out.append(f"{where}: schedule {sched_spec} searches first, about {est['calls']} network calls, "
+                       f"{est['seconds']:.0f} s (not cached)")
+        else:  # found: its sigmas, for the sampler's own estimate
+            sigmas = schedule.fit(*args, to_zero=plan.to_zero, denoiser=model, device=device, cell=cell,
+                                  **sched_options)[0]
+    else:
+        sigmas = make_sigmas(schedule, sched_options, plan, model, device)
+    if sampler.estimate is not None and sigmas is not None:
+        est = sampler.estimate(model, sigmas, options, call_s)
+        if est:
+            out.append(f"{where}: {sampler.name} fits first, about {est['calls']} network calls, "
+                       f"{est['seconds']:.0f} s (not cached)")
+    return out

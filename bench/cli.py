@@ -41,7 +41,7 @@ _c = _Consoles()
 def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .cell import resolve_device
+    from .cell import fit_notices, resolve_device
     from .distributed import World
     from .runner import cell_specs, run, validate
     from .store import Run
@@ -54,6 +54,8 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
     validate(registry, config)  # every name exists before the grid is counted
     grid = sum(len(cell_specs(registry, config, m, resolve_device(config.device))) for m in config.models)
     n_cells = len(range(shard, grid, n_shards))  # after duplicates, with repeats
+    for line in fit_notices(registry, config) if world.main and not args.quiet else ():
+        _c.err.print(line)  # what each fit stage not yet cached will cost, before it starts
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -76,8 +78,15 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
         def on_batch(cell_id, done, total):
             progress.update(batches, completed=done, total=total)
 
-        run_dir, _ = run(registry, config, on_cell=on_cell, on_batch=on_batch)
-    return render(registry, Run.open(run_dir), reporters) if world.main else 0
+        run_dir, new = run(registry, config, on_cell=on_cell, on_batch=on_batch)
+    if not world.main:
+        return 0
+    code = render(registry, Run.open(run_dir), reporters)
+    unstored = [r for r in new if r.get("stored") is False]
+    if unstored:  # cells whose record could not be written (a full disk): a rerun runs them again
+        _c.err.print(f"[red]{len(unstored)} cells could not be stored[/red] ({unstored[0]['reason']}); "
+                     "free space and rerun the same command to resume")
+    return 1 if unstored else code
 
 
 def cmd_merge(registry: Registry, args: argparse.Namespace) -> int:
@@ -217,12 +226,14 @@ def cmd_check(registry: Registry, args: argparse.Namespace) -> int:
 
 def cmd_baseline(registry: Registry, args: argparse.Namespace) -> int:
     from .compare import baseline_path, write_baseline
+    from .store import writable_file
 
     run_args = build_parser(registry).parse_args(["run", *args.run_args])
     options = {k: v if isinstance(v, bool | int | float | str | None) else str(v)
                for k, v in vars(run_args).items() if k not in NOT_STORED}
+    target = writable_file(baseline_path(args.name), "baseline")  # before the run, not after it
     result = rerun(registry, options, run_args.out, DEFAULT_REPORTERS)
-    path = write_baseline(result, baseline_path(args.name), options)
+    path = write_baseline(result, target, options)
     print(f"baseline written: {path} ({len(result.records)} cells; run in {result.dir})")
     return 0
 
@@ -276,6 +287,16 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
                    help="Inception weights for fid-inception (default: torch-fidelity's cache)")
     p.add_argument("--ref-stats", default=None, metavar="REF",
                    help="fid-inception reference: EDM .npz of mu/sigma, image folder or dataset name")
+    p.add_argument("--prompts", default=DEFAULTS["prompts"], metavar="FILE",
+                   help="text models: one prompt per line, sample i takes prompt i mod n "
+                        "(default: the packaged set, bench/assets/prompts.txt)")
+    p.add_argument("--cell-timeout", default=DEFAULTS["cell_timeout"], metavar="SECONDS",
+                   help="a cell running longer fails and the run goes on; 0: no limit (default 1800)")
+    p.add_argument("--metric-option", action=_Joined, default=DEFAULTS["metric_option"], metavar="KEY=VALUE",
+                   help="a metric's option, e.g. clip=DIR or reference_steps=256 (repeatable; "
+                        "`bench list metrics` shows each metric's)")
+    p.add_argument("--save-samples", action="store_true",
+                   help="write each cell's samples as uint8 NHWC images to samples/<cell_id>.npz (arr_0)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="re-render the reports of a run from its results.jsonl")
@@ -325,6 +346,14 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     return parser
 
 
+class _Joined(argparse.Action):
+    """A repeatable option kept as one comma list, which baselines store and replay as one string."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        before = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, f"{before},{values}" if before else values)
+
+
 def add_judging_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tolerance", action="append", default=[], metavar="METRIC:rel=R[:abs=A]",
                    help="a change counts beyond max(A, R*|base|); 'wall' is speed (repeatable)")
@@ -336,14 +365,25 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--version"]:  # no plugin needs loading for that
         print(f"sampler-bench {__version__}")
         return 0
+    clean = False
     try:
         registry = load_registry()
         parser = build_parser(registry)
         args = parser.parse_args(argv)
-        return int(args.func(registry, args) or 0)
+        code = int(args.func(registry, args) or 0)
+        clean = True
+        return code
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)  # one line, never wrapped
         return exc.exit_code
+    except OSError as exc:  # the machine's, not the input's: a full disk, a lost mount
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         _c.err.print("interrupted; finished cells are kept, rerun the same command to resume")
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # a torchrun process: leave its group cleanly
+            from .distributed import leave
+
+            leave(clean)

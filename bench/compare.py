@@ -28,7 +28,7 @@ from typing import Any
 from .cell import CellSpec
 from .cell import differences as spec_differences
 from .errors import UsageError
-from .store import RESULTS, Run, write_json
+from .store import RESULTS, Run, latest, record_problem, warn_skipped, write_json
 
 SPEED = "wall"  # the key under which calibrated wall-clock is compared
 ANY = "*"  # the tolerance of metrics not named
@@ -109,7 +109,8 @@ def load(path: str | Path) -> Run:
         return Run.open(p if p.is_dir() else p.parent)
     if p.suffix == ".json":
         data = read_baseline(p)
-        return Run(p, data.get("config", {}), data["records"])
+        config = data.get("config") if isinstance(data.get("config"), dict) else {}
+        return Run(p, config, latest(baseline_records(p, data["records"])))
     raise UsageError(f"'{p}' is neither a run directory nor a baseline .json file")
 
 
@@ -439,13 +440,26 @@ def read_baseline(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise UsageError(f"no baseline '{path}'; create it with `bench baseline update {path.stem}`")
     try:
-        data = json.loads(path.read_text())
-        data["run"], data["records"]  # noqa: B018
-    except (json.JSONDecodeError, KeyError, TypeError):
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        if not (isinstance(data["run"], dict) and isinstance(data["records"], list)):
+            raise TypeError("run or records of the wrong type")
+    except (OSError, ValueError, KeyError, TypeError):  # not UTF-8, not JSON, or not a baseline's fields
         raise UsageError(
             f"'{path}' is not a baseline file; regenerate it with `bench baseline update {path.stem}`"
         ) from None
     return data
+
+
+def baseline_records(path: Path, records: list[Any]) -> list[dict[str, Any]]:
+    """A baseline's records that are records; each other entry is skipped with a warning."""
+    out = []
+    for i, record in enumerate(records, 1):
+        problem = record_problem(record)
+        if problem:
+            warn_skipped(path, f"record {i}", problem)
+        else:
+            out.append(record)
+    return out
 
 
 def run_argv(options: dict[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ down a schedule of sigmas. Plugins register the dataclasses below through the ho
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,7 +30,8 @@ class Denoiser(torch.nn.Module):
     override `round_sigma`; models built on a network expose it as `net` for modifiers.
     A model that can return its UNet bottleneck feature sets `has_bottleneck = True` and
     accepts `return_bottleneck=True`, returning `(x0_hat, feature [B, C, h, w])` from the
-    same single network call.
+    same single network call. `default_schedule` (a schedule spec, e.g. "flow" for a
+    flow-matching model) replaces the sampler's default where a method names none.
     """
 
     sigma_min: float = 0.002
@@ -37,6 +39,7 @@ class Denoiser(torch.nn.Module):
     sigma_data: float = 0.5
     shape: tuple[int, int, int] = (1, 8, 8)
     has_bottleneck: bool = False
+    default_schedule: str | None = None  # the model's preferred schedule, if any
     spec: str = ""  # the model spec it was loaded from (set by the runner), for cache keys
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
@@ -84,8 +87,8 @@ class Denoiser(torch.nn.Module):
 class DenoiserWrapper(Denoiser):
     """A Denoiser around another (`inner`): the NFE counter, a modifier, a precision wrapper.
 
-    It takes the inner model's sigma range, sigma_data, shape, spec and has_bottleneck
-    (a subclass may set others after `super().__init__`, e.g. a new shape), forwards
+    It takes the inner model's sigma range, sigma_data, shape, spec, has_bottleneck and
+    default_schedule (a subclass may set others after `super().__init__`, e.g. a new shape), forwards
     round_sigma, select, decode, describe, `net` and any attribute it lacks (an analytic model's moments,
     say) to it, and by default calls it. The network is reached through `inner`, never
     registered twice, so state dicts and fingerprints stay those of the model.
@@ -96,7 +99,7 @@ class DenoiserWrapper(Denoiser):
         self.inner = inner
         self.sigma_min, self.sigma_max, self.sigma_data = inner.sigma_min, inner.sigma_max, inner.sigma_data
         self.shape, self.spec = tuple(inner.shape), inner.spec
-        self.has_bottleneck = inner.has_bottleneck
+        self.has_bottleneck, self.default_schedule = inner.has_bottleneck, inner.default_schedule
 
     @property
     def net(self) -> torch.nn.Module | None:
@@ -181,6 +184,9 @@ class Sampler:
     `prepare(denoiser, sigmas, options) -> dict`, if given, runs once per cell before
     sampling (e.g. fitting or loading a learned predictor); it returns extra sample options.
     Its network calls are counted apart (`prepare_nfe`, `prepare_s`), never in the budget.
+    `estimate(denoiser, sigmas, options, call_s) -> {"calls", "seconds"} | None`, if given,
+    is what prepare would cost when nothing is cached (None when it is), `call_s(batch)`
+    being the seconds of one forward pass; `bench run` prints it before the run.
     """
 
     name: str
@@ -193,6 +199,7 @@ class Sampler:
     options: Mapping[str, Any] = field(default_factory=dict)
     prepare: Callable[..., Mapping[str, Any]] | None = None
     aliases: tuple[str, ...] = ()  # other names that resolve to it (k-diffusion's, say)
+    estimate: Callable[..., Mapping[str, float] | None] | None = None
 
 
 # --- Schedule -------------------------------------------------------------------------
@@ -208,6 +215,13 @@ class Schedule:
     Returns a decreasing float tensor of n + 1 sigmas starting at sigma_max: with
     `to_zero` n sigmas down to sigma_min followed by 0, without it n + 1 sigmas down to
     sigma_min. Discrete schedules snap with `denoiser.round_sigma`.
+
+    A searched (learned) schedule also sets `fit`: the same arguments plus `cell` (the
+    cell's "model", "sampler", "sampler_options" and "nfe"), returning (sigmas, info). A
+    cell's build calls it instead of `sigmas` on an NFE counter outside the budget and
+    records its calls and seconds as `schedule_fit_nfe`, `schedule_fit_s` and `info` as
+    `schedule_fitted`. `estimate`, with those arguments plus `call_s(batch)` (seconds of one
+    forward pass), is {"calls", "seconds"} of a search not yet cached, or None.
     """
 
     name: str
@@ -215,6 +229,8 @@ class Schedule:
     description: str
     options: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()  # other names that resolve to it (k-diffusion's, say)
+    fit: Callable[..., tuple[Tensor, Mapping[str, Any]]] | None = None
+    estimate: Callable[..., Mapping[str, float] | None] | None = None
 
 
 # --- Modifier -------------------------------------------------------------------------
@@ -230,6 +246,9 @@ class Modifier:
     `applied`, a one-line account of what it did (the factors it used, say): each cell
     records it and reports show it. It may change `shape` (sampling at another resolution);
     the budget then counts calls at the new shape, others are counted as extra.
+    With `target`, the modified model is another ODE, the one the cell sets out to solve
+    (guidance), not an approximation of the model's (skip-tuning, upsample guidance):
+    metrics that solve the model's ODE themselves (`reference`) solve the modified one.
     """
 
     name: str
@@ -237,6 +256,7 @@ class Modifier:
     description: str
     options: Mapping[str, Any] = field(default_factory=dict)
     takes_cell: bool = False
+    target: bool = False
 
 
 # --- Model source ---------------------------------------------------------------------
@@ -312,6 +332,9 @@ class MetricState(Protocol):
     def result(self) -> Mapping[str, Value]:
         """The named numbers after the last batch."""
 
+    # Optional: `info() -> dict`, what the record keeps of the metric besides its values (its
+    # reference's solver and cost, say), under `metric_info.<metric name>`.
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -320,12 +343,18 @@ class Metric:
     With `floor`, the metric also scores real data at the run's sample count when the model
     can draw it (`Denoiser.data_samples(n, seed)`): the best value a sampler can reach at
     that n, which reports show beside the samplers' values. Metrics of the samples' own noise
-    (rmse to a reference solve) have none."""
+    (rmse to a reference solve) have none. `applies(ctx) -> str | None`, if given, says in
+    one line why the metric cannot score the run's model (an image size its feature network
+    does not take, weights that are not there), or None; the runner asks it once the model
+    is loaded, before any of its cells runs, and stops with that line (exit 2). `options`
+    are the run metric options it reads (`--metric-option KEY=VALUE`), with their defaults."""
 
     name: str
     create: Callable[[MetricContext], MetricState]
     description: str
     floor: bool = False
+    applies: Callable[[MetricContext], str | None] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 # --- Reporter -------------------------------------------------------------------------
@@ -358,7 +387,17 @@ def resolve_options(kind: str, name: str, known: Mapping[str, Any], given: Mappi
             listing = ", ".join(sorted(known)) or "none"
             raise UsageError(f"{kind} '{name}' has no option '{key}'; its options: {listing}")
         out[key] = cast_like(known[key], raw, f"{kind} '{name}' option '{key}'")
+        check_finite(known[key], out[key], f"{kind} '{name}' option '{key}'")
     return out
+
+
+def check_finite(default: Any, value: Any, what: str) -> None:
+    """A float option is finite (NaN never), unless the option's own default is infinite:
+    `s_tmax=inf` is EDM's, `eta=nan` is a typo."""
+    if isinstance(value, float) and not math.isfinite(value):
+        allowed = isinstance(default, float) and math.isinf(default) and not math.isnan(value)
+        if not allowed:
+            raise UsageError(f"{what}: {value} is not a finite number; give a finite value")
 
 
 def cast_like(default: Any, raw: Any, what: str) -> Any:

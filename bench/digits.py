@@ -9,7 +9,9 @@ UNet: an encoder-decoder whose decoder blocks concatenate named encoder skips; i
 fully convolutional (any H, W divisible by 4) and returns its bottleneck feature on
 request. It is trained with the EDM loss (Karras et al. 2022, "Elucidating the Design
 Space of Diffusion-Based Generative Models", section 5 and Table 1) and wrapped with EDM
-preconditioning by `bench.adapters.Preconditioned`.
+preconditioning by `bench.adapters.Preconditioned`; `digits-flow` is the same UNet trained
+with the rectified-flow objective (velocity, SD3's logit-normal t) and wrapped by
+`bench.adapters.Flow`.
 
 Optimal denoiser: for a finite training set {y_i},
 D(x, sigma) = sum_i softmax_i(-|x - y_i|^2 / (2 sigma^2)) y_i, a mixture of
@@ -30,13 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters import Preconditioned
+from .adapters import Flow, Preconditioned
 from .contracts import ModelSource
 from .errors import ModelLoadError, UsageError
 from .models import GaussianMixture
 
 ASSETS = Path(__file__).parent / "assets"
 WEIGHTS = ASSETS / "digits-unet.safetensors"
+FLOW_WEIGHTS = ASSETS / "digits-flow-unet.safetensors"
+FLOW_SIGMAS = (0.002, 80.0)  # digits-flow's sigma range: the digits model's, t = sigma / (1 + sigma)
 SHAPE = (1, 8, 8)
 META_KEY = "bench.digits"
 
@@ -184,6 +188,16 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None
     channels: tuple[int, ...] = UNetConfig.channels
+    # The rectified-flow objective (`objective="flow"`, model `digits-flow`): t from
+    # logit-normal(logit_mean, logit_std) as SD3; the network sees t * time_scale
+    objective: str = "edm"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    time_scale: float = 1000.0
+
+
+OBJECTIVES = ("edm", "flow")
+FLOW_FIELDS = ("objective", "logit_mean", "logit_std", "time_scale")  # absent from EDM metadata
 
 
 def edm_loss(denoiser: Preconditioned, y: Tensor, n: Tensor, sigma: Tensor) -> Tensor:
@@ -194,13 +208,24 @@ def edm_loss(denoiser: Preconditioned, y: Tensor, n: Tensor, sigma: Tensor) -> T
     return (weight.reshape(-1, 1, 1, 1) * (d_y - y) ** 2).mean()
 
 
+def flow_loss(net: UNet, y: Tensor, n: Tensor, t: Tensor, time_scale: float) -> Tensor:
+    """Rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_t = (1 - t) y + t n,
+    loss |v_theta(x_t, t) - (n - y)|^2."""
+    s = t.reshape(-1, 1, 1, 1)
+    v = net((1 - s) * y + s * n, t * time_scale)
+    return ((v - (n - y)) ** 2).mean()
+
+
 def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> tuple[UNet, dict[str, Any]]:
     """Train the digits UNet; returns the EMA network and a summary. Deterministic on the CPU.
 
     Adam with a linear warm-up then a cosine decay of the learning rate; every random
     number comes from one generator seeded with `config.seed`; the EMA of the weights
-    (half-life `ema_halflife` steps) is what ships.
+    (half-life `ema_halflife` steps) is what ships. `objective="flow"` draws t where EDM
+    draws sigma (the same number of random draws per step) and trains the velocity.
     """
+    if config.objective not in OBJECTIVES:
+        raise UsageError(f"--objective: '{config.objective}' is not one of {', '.join(OBJECTIVES)}")
     from .digits_classifier import digits
 
     torch.manual_seed(config.seed)
@@ -214,14 +239,18 @@ def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> tupl
     ema_beta = 0.5 ** (1 / config.ema_halflife)
     losses = []
     for step in range(config.steps):
-        # A batch of digits, their noise and their lognormal noise levels
+        # A batch of digits, their noise and the normal draws of their noise levels (sigma or t)
         y = data[torch.randint(len(data), (config.batch_size,), generator=gen)]
         n = torch.randn(y.shape, generator=gen)
-        sigma = (config.p_mean + config.p_std * torch.randn(len(y), generator=gen)).exp()
+        z = torch.randn(len(y), generator=gen)
         # One Adam step at the scheduled learning rate
         for group in opt.param_groups:
             group["lr"] = learning_rate(config, step)
-        loss = edm_loss(denoiser, y, n, sigma)
+        if config.objective == "flow":
+            t = torch.sigmoid(config.logit_mean + config.logit_std * z)
+            loss = flow_loss(net, y, n, t, config.time_scale)
+        else:
+            loss = edm_loss(denoiser, y, n, (config.p_mean + config.p_std * z).exp())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -256,9 +285,12 @@ def save_weights(path: Path, net: UNet, config: TrainConfig, summary: dict[str, 
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    train_meta = asdict(config)
+    if config.objective == "edm":  # the EDM file's metadata as before the flow objective
+        train_meta = {k: v for k, v in train_meta.items() if k not in FLOW_FIELDS}
     meta = {
         "unet": asdict(net.config),
-        "train": asdict(config),
+        "train": train_meta,
         "summary": summary,
         "torch": torch.__version__,
     }
@@ -290,7 +322,23 @@ def load_unet(path: Path = WEIGHTS) -> tuple[UNet, dict[str, Any]]:
 def load_digits(arg: str | None = None, device=None, **_) -> Preconditioned:
     """Model source `digits[:PATH]`: the UNet (shipped weights, or PATH) with EDM preconditioning."""
     net, train_config = load_unet(Path(arg) if arg else WEIGHTS)
+    if train_config.get("objective", "edm") != "edm":
+        raise ModelLoadError(f"'{arg}' was trained with --objective {train_config['objective']}; "
+                             f"load it as digits-flow:{arg}")
     model = Preconditioned(net, "edm", SHAPE, sigma_data=train_config["sigma_data"], has_bottleneck=True)
+    model.data_samples = digits_samples  # the data it was trained on, for the metrics' floor
+    return model
+
+
+def load_digits_flow(arg: str | None = None, device=None, **_) -> Flow:
+    """Model source `digits-flow[:PATH]`: the UNet trained with the rectified-flow objective
+    (velocity, time scale 1000), as bench.adapters.Flow over digits' sigma range."""
+    net, train_config = load_unet(Path(arg) if arg else FLOW_WEIGHTS)
+    if train_config.get("objective", "edm") != "flow":
+        raise ModelLoadError(f"'{arg}' was trained with the EDM objective; load it as digits:{arg}")
+    (s_min, s_max), scale = FLOW_SIGMAS, train_config["time_scale"]
+    model = Flow(net, SHAPE, prediction="velocity", net=net, time_scale=scale,
+                 t_min=s_min / (1 + s_min), t_max=s_max / (1 + s_max), sigma_data=train_config["sigma_data"])
     model.data_samples = digits_samples  # the data it was trained on, for the metrics' floor
     return model
 
@@ -357,6 +405,9 @@ def cmd_train_digits(registry, args) -> int:
         raise UsageError(f"--lr: {args.lr} is not a positive finite learning rate, e.g. 2e-3")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit: {args.limit} digits; give a positive count (or leave it out for all)")
+    from .store import writable_file
+
+    writable_file(args.out, "--out")  # before the training, not after it
     config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -364,6 +415,7 @@ def cmd_train_digits(registry, args) -> int:
         seed=args.seed,
         limit=args.limit,
         channels=channels,
+        objective=args.objective,
     )
     log = None if args.quiet else partial(print, flush=True)
     # Deterministic kernels on one thread (reduction order then does not depend on the
@@ -400,6 +452,13 @@ SOURCES = [
         "digits",
         load_digits,
         "UNet trained on scikit-learn's 8x8 digits, EDM preconditioning, shipped weights (digits[:PATH])",
+        default_metrics=DEFAULT_METRICS,
+    ),
+    ModelSource(
+        "digits-flow",
+        load_digits_flow,
+        "the digits UNet trained with rectified flow (velocity), flow schedule, shipped weights "
+        "(digits-flow[:PATH])",
         default_metrics=DEFAULT_METRICS,
     ),
     ModelSource(

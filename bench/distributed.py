@@ -157,6 +157,21 @@ class World:
         return exc
 
 
+def leave(clean: bool = True) -> None:
+    """Leave the process group, if this process joined one: after a last barrier when the run
+    ended cleanly (no rank tears gloo down while another still talks to it; a rank exiting
+    with gloo's threads alive can abort with SIGABRT), at once otherwise."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if clean:
+            dist.barrier()
+    except RuntimeError:  # a peer is gone already: nothing left to wait for
+        pass
+    finally:
+        dist.destroy_process_group()
+
+
 def first_failure(parts: list[Any] | None) -> Exception | None:
     """The first exception among the gathered parts, in rank order."""
     return next((p for p in parts or [] if isinstance(p, Exception)), None)
@@ -187,6 +202,7 @@ SWEEP_KEYS = (
     "channels_last",
     "compile",
     "metric_options",
+    "prompts",
 )
 
 

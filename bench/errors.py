@@ -33,7 +33,10 @@ class BudgetExceeded(BenchError):
 
 
 class ModelLoadError(BenchError):
-    """A model could not be loaded: missing file, untrusted pickle, offline with nothing cached."""
+    """A model could not be loaded: missing file, untrusted pickle, offline with nothing cached,
+    weights or a declared shape that do not fit the network. The user fixes the input: exit 2."""
+
+    exit_code = 2
 
 
 def unknown(

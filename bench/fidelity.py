@@ -61,7 +61,7 @@ from torch import Tensor
 
 from .contracts import Batch, Metric, MetricContext, Value
 from .errors import ModelLoadError, UsageError
-from .metrics import _Moments, frechet_replicates
+from .metrics import _Moments, frechet_replicates, image_shape
 from .sources.download import fetch, offline
 from .stats import Bootstrapped, bootstrap_b, counts
 
@@ -626,8 +626,48 @@ class PrecisionRecall(_Features):
         }
 
 
-def _metric(name: str, state: type, space: Callable[[MetricContext], FeatureSpace], what: str) -> Metric:
-    return Metric(name, partial(state, space=space, name=name), what, floor=True)
+def digits_fits(ctx: MetricContext) -> str | None:
+    """Why digits-classifier-v1 cannot take the model's images (grey or RGB, square, side 8k)."""
+    c, h, w = image_shape(ctx.denoiser)
+    if c in (1, 3) and h == w and h % 8 == 0:
+        return None
+    return (f"digits-classifier-v1 takes grey or RGB square images of side 8k, the model's are {c}x{h}x{w}; "
+            "use --metrics reference (any model)")
+
+
+def inception_fits(ctx: MetricContext) -> str | None:
+    """Why fid-inception cannot run: not grey or RGB, no --ref-stats, no weights here, or a
+    reference it cannot read. Builds the run's extractor and reference (cached for its cells);
+    weights that are there but broken stay a ModelLoadError."""
+    c = image_shape(ctx.denoiser)[0]
+    if c not in (1, 3):
+        return f"Inception-v3 takes grey or RGB images, the model's have {c} channels"
+    if not ctx.options.get("ref_stats"):
+        return ("it needs a reference: pass --ref-stats with an EDM-style .npz of mu/sigma, an image folder, "
+                "or a torch-fidelity dataset name such as cifar10-train")
+    try:
+        inception_weights(ctx.options.get("fid_weights"))  # the file given, cached or fetched now
+    except ModelLoadError as exc:
+        return str(exc)
+    try:
+        inception_space(ctx)
+    except UsageError as exc:
+        return str(exc)
+    return None
+
+
+def _applies(ctx: MetricContext, *, minimum: int, fits: Callable[[MetricContext], str | None]) -> str | None:
+    """Too few samples for the metric, or images its feature space does not take."""
+    if ctx.num_samples < minimum:
+        return f"it needs at least {minimum} samples; raise --num-samples"
+    return fits(ctx)
+
+
+def _metric(name: str, state: type, space: Callable[[MetricContext], FeatureSpace], what: str,
+            fits: Callable[[MetricContext], str | None] = digits_fits, **options: Any) -> Metric:
+    minimum = PR_NEIGHBORHOOD + 1 if state is PrecisionRecall else 2
+    return Metric(name, partial(state, space=space, name=name), what, floor=True,
+                  applies=partial(_applies, minimum=minimum, fits=fits), options=options)
 
 
 METRICS = [
@@ -651,5 +691,8 @@ METRICS = [
         Frechet,
         inception_space,
         "FID (Inception-v3 pool3, torch-fidelity); --fid-weights PATH, --ref-stats NPZ|DIR|DATASET",
+        inception_fits,
+        fid_weights=None,
+        ref_stats=None,
     ),
 ]

@@ -12,12 +12,22 @@ sample positions, against the same fixed reference.
   (the bootstrap standard error tends to it, times sqrt((n - 1) / n)); that is its std.
 
 torch-fidelity is imported when a distance is computed, not with this module.
+
+Which metrics score a model's cells (`metric_set`), and whether they can, is settled
+before any cell runs. The set is the one named (`--metrics`), else the model source's own (`default_metrics`),
+else `reference` (the error to a converged solve of the model's own ODE), which needs no
+data and no feature network: every model has a metric. Each record says which set it used
+and why (`metric_set`). Once a model is loaded, every metric of its cells that declares
+`applies` is asked whether it can score it; the first that cannot stops the run with its
+one-line reason (exit 2), before any of the model's cells samples.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,12 +50,17 @@ def reference_solve(
     steps: int = 256,
     sigma_tiny: float = 1e-6,
 ) -> Tensor:
-    """Probability-flow ODE solution by classical RK4 in s = log(sigma), in float64.
+    """Probability-flow ODE solution by classical RK4 in s = log(sigma), the state in float64.
 
     dx/ds = x - D(x, e^s). For sigma_to = 0 it integrates down to `sigma_tiny` and takes
-    the final denoise there, whose error is O(sigma_tiny^2).
+    the final denoise there, whose error is O(sigma_tiny^2). The network sees its own dtype
+    (a float32 network gets float32 inputs; an analytic model computes in float64).
     """
-    d = lambda x_, s: x_ - denoiser(x_, math.exp(s)).double()  # noqa: E731
+    from .reference import network_dtype
+
+    dtype = network_dtype(denoiser)
+    D = lambda x_, sigma: denoiser(x_.to(dtype), sigma).double()  # noqa: E731
+    d = lambda x_, s: x_ - D(x_, math.exp(s))  # noqa: E731
     end = sigma_to if sigma_to > 0 else sigma_tiny
     x = x.double()
     s, h = math.log(sigma_from), (math.log(end) - math.log(sigma_from)) / steps
@@ -56,7 +71,7 @@ def reference_solve(
         k3 = d(x + h / 2 * k2, s + h / 2)
         k4 = d(x + h * k3, s + h)
         x, s = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), s + h
-    return denoiser(x, end).double() if sigma_to == 0 else x
+    return D(x, end) if sigma_to == 0 else x
 
 
 class _Moments:
@@ -245,12 +260,35 @@ class RmseToReference(Bootstrapped):
         return {"rmse": Value(float(r.mean()), std=se, n=len(r))}
 
 
+def image_shape(denoiser: Denoiser) -> tuple[int, int, int]:
+    """(C, H, W) of the images metrics see: the model's shape through its decode (one call
+    on a zero latent, once per model; a pixel-space model's decode is the identity)."""
+    known = _IMAGE_SHAPES.get(denoiser)
+    if known is None:
+        tensors = (*denoiser.parameters(), *denoiser.buffers())
+        device = tensors[0].device if tensors else torch.device("cpu")
+        with torch.no_grad():
+            x = denoiser.decode(torch.zeros(1, *denoiser.shape, device=device))
+        known = _IMAGE_SHAPES[denoiser] = tuple(int(v) for v in x.shape[1:])
+    return known
+
+
+_IMAGE_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _has_moments(ctx: MetricContext) -> str | None:
+    if getattr(ctx.denoiser, "moments", None) is None:
+        return "it needs a model with known data moments (an analytic model: mixture, gaussian)"
+    return None
+
+
 METRICS = [
     Metric(
         "fd",
         FrechetToTruth,
         "Fréchet distance of the samples to the true data distribution (analytic models)",
         floor=True,
+        applies=_has_moments,
     ),
     Metric(
         "rmse",
@@ -258,3 +296,52 @@ METRICS = [
         "RMSE of each sample to a high-accuracy ODE solve from the same noise (mean, s.e.)",
     ),
 ]
+
+
+# --- Which metrics a model's cells use, and whether they can score it ------------------
+
+
+FALLBACK = ("reference",)  # the metrics of a model with none of its own
+RUN_OPTIONS = {"bootstrap": 200}  # metric options every metric reads (bench.stats)
+
+
+def metric_set(registry, metrics: list[str] | None, model_spec: str) -> tuple[list[str], str]:
+    """(metric names, why them) for a model's cells."""
+    if metrics is not None:
+        return list(metrics), "named by --metrics"
+    source = registry.get("models", model_spec.partition(":")[0])
+    if source.default_metrics:
+        return list(source.default_metrics), f"the own metrics of model source '{source.name}'"
+    return list(FALLBACK), (f"model source '{source.name}' has no metric of its own: the error to a "
+                            "converged solve of its ODE from the same noise")
+
+
+def known_options(registry) -> dict[str, Any]:
+    """Every metric option an installed metric reads, with its default."""
+    out = dict(RUN_OPTIONS)
+    for metric in registry.items["metrics"].values():
+        out.update(getattr(metric, "options", None) or {})
+    return out
+
+
+def check_options(registry, options: Mapping[str, Any]) -> None:
+    """A UsageError for a metric option no installed metric reads."""
+    known = known_options(registry)
+    for key in options:
+        if key not in known:
+            raise UsageError(f"--metric-option: no metric reads '{key}'; known: {', '.join(sorted(known))}")
+
+
+def check_applies(registry, names: list[str], model_spec: str, denoiser: Denoiser, ctx_args: dict) -> None:
+    """Every metric of the model's cells can score it, or a one-line UsageError naming why not.
+
+    `ctx_args` are the MetricContext's other fields (num_samples, seed, device, cache, options)."""
+    ctx = MetricContext(model_spec, denoiser, **ctx_args)
+    for name in names:
+        metric = registry.get("metrics", name)
+        if metric.applies is None:
+            continue
+        with torch.no_grad():
+            why = metric.applies(ctx)
+        if why:
+            raise UsageError(f"metric '{metric.name}' cannot score model '{model_spec}': {why}")

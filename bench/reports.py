@@ -17,7 +17,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .store import Run
+from .store import Run, atomic_write
 
 
 def fmt(value: float | None, std: float | None = None) -> str:
@@ -251,11 +251,8 @@ def render_verdict(run: Run, console: Console) -> Path:
     """verdict.json: every verdict with each method's value, interval and wall-clock."""
     import json
 
-    path = run.dir / "verdict.json"
-    tmp = path.with_name(".verdict.json.tmp")
-    tmp.write_text(json.dumps({"level": LEVEL, "verdicts": verdicts(run)}, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write(run.dir / "verdict.json",
+                        json.dumps({"level": LEVEL, "verdicts": verdicts(run)}, indent=2) + "\n")
 
 
 def render_console(run: Run, console: Console) -> None:
@@ -301,9 +298,7 @@ def md_escape(text: str) -> str:
 
 
 def render_csv(run: Run, console: Console) -> Path:
-    path = run.dir / "results.csv"
-    run.frame().to_csv(path, index=False)
-    return path
+    return atomic_write(run.dir / "results.csv", run.frame().to_csv(index=False))
 
 
 def render_markdown(run: Run, console: Console) -> Path:
@@ -330,9 +325,7 @@ def render_markdown(run: Run, console: Console) -> Path:
     plugins = env.get("plugins", {})
     if plugins:
         lines += ["## Plugins", ""] + [f"- {d} {v}" for d, v in sorted(plugins.items())] + [""]
-    path = run.dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write(run.dir / "report.md", "\n".join(lines))
 
 
 # --- HTML: one self-contained file, plots and sample grids inline -----------------------
@@ -594,6 +587,4 @@ def render_html(run: Run, console: Console) -> Path:
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>sampler-bench '
         f"{escape(run.dir.name)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
     )
-    path = run.dir / "report.html"
-    path.write_text(page)
-    return path
+    return atomic_write(run.dir / "report.html", page)

@@ -8,6 +8,7 @@ error); a failing cell never stops the run.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -34,16 +35,33 @@ from .cell import (
     canonical_method,
     digest,
     load_model,
+    make_sigmas,
+    plan_cell,
     resolve_device,
+    target_model,
 )
-from .contracts import Batch, Denoiser, MetricContext
+from .contracts import Batch, Denoiser, MetricContext, resolve_options
+from .deadline import DEFAULT_S, CellTimeout, time_limit
+from .deadline import enforced as time_limit_enforced
 from .distributed import DistributedError, World
-from .errors import Infeasible, ModelLoadError, PluginError, UsageError
-from .images import save_grid
+from .errors import BenchError, Infeasible, ModelLoadError, PluginError, UsageError
+from .images import SampleWriter, save_grid
+from .metrics import check_applies, check_options, metric_set
 from .nfe import synchronize
 from .plugins import Registry
 from .stats import bootstrap_b, index_sets
-from .store import CONFIG, FINAL, RESULTS, append_record, read_records, write_json
+from .store import (
+    CONFIG,
+    FINAL,
+    RESULTS,
+    append_record,
+    atomic_write,
+    read_config,
+    read_records,
+    run_lock,
+    writable_dir,
+    write_json,
+)
 from .throughput import DTYPES, accelerate, full_precision
 
 GRIDS = "samples"  # run subdirectory of each cell's PNG grid of its first samples
@@ -73,6 +91,9 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     shard: tuple[int, int] = (0, 1)  # (i, n): this job runs the cells whose grid index is i mod n
+    cell_timeout: float = DEFAULT_S  # seconds a cell may run (0: no limit); not identity
+    save_samples: bool = False  # each cell's samples as uint8 images in samples/<cell_id>.npz; not identity
+    prompts: str = ""  # the digest of the --prompts file (bench.prompts); identity if set
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -88,6 +109,7 @@ class RunConfig:
             "device": torch.device(self.device).type,
             **({"metric_options": self.metric_options} if self.metric_options else {}),
             **({"repeats": self.repeats} if self.repeats > 1 else {}),
+            **({"prompts": self.prompts} if self.prompts else {}),
             # The network's speed options, where they differ from the defaults
             **{k: v for k, v in self.speed_options().items() if v != SPEED_DEFAULTS[k]},
         }
@@ -159,8 +181,42 @@ def validate(registry: Registry, config: RunConfig) -> None:
         registry.get("models", model.partition(":")[0])
     for name in config.metrics or []:
         registry.get("metrics", name)
+    check_options(registry, config.metric_options)  # every --metric-option is read by some metric
+    check_bounds(config)
     for method in config.methods:
-        canonical_method(registry, method)  # every name and option exists
+        method = canonical_method(registry, method)  # every name and option exists
+        for nfe in config.nfe:
+            check_cell(registry, method, nfe)  # every planner accepts its options
+
+
+MAX_NFE = 100_000  # network calls per sample a cell may spend: its plan and sigmas live in memory
+
+
+def check_bounds(config: RunConfig) -> None:
+    """Budgets, sample counts and the time limit this machine can hold, checked before any work:
+    a cell keeps its plan and sigmas (per NFE) and the bootstrap's [B, n] index sets and
+    counts (16 B bytes per sample) in memory."""
+    if not (math.isfinite(config.cell_timeout) and config.cell_timeout >= 0):
+        raise UsageError(f"--cell-timeout: {config.cell_timeout}; give seconds >= 0 (0: no limit)")
+    big = max(config.nfe, default=0)
+    if big > MAX_NFE:
+        raise UsageError(f"--nfe: {big} is past {MAX_NFE} network calls per sample, the most a cell may "
+                         "spend (its plan and sigmas are held in memory); give a smaller budget")
+    per_sample = 16 * max(bootstrap_b(config.metric_options), 1)
+    memory = physical_memory()
+    if memory and config.num_samples * per_sample > memory / 2:
+        raise UsageError(
+            f"--num-samples: {config.num_samples} samples per cell need about "
+            f"{config.num_samples * per_sample / 2**30:.3g} GiB for the bootstrap alone, past half of this "
+            f"machine's {memory / 2**30:.3g} GiB of memory; give at most {int(memory / 2 // per_sample)}")
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes, where the system says (None elsewhere)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 # --- Running --------------------------------------------------------------------------
@@ -183,32 +239,62 @@ def run(
     """
     validate(registry, config)
     world = World.from_env()
-    device = resolve_device(world.device(config.device))
     out = config.run_dir()
+    if not world.main:
+        return _run(registry, config, world, out, on_cell, on_batch)
+    with run_lock(writable_dir(out)):  # one writer per run directory
+        try:
+            return _run(registry, config, world, out, on_cell, on_batch)
+        except BenchError:  # refused before any cell stored: no config.json claims the directory
+            if not (out / RESULTS).exists():
+                (out / CONFIG).unlink(missing_ok=True)
+            raise
+
+
+def _run(registry: Registry, config: RunConfig, world: World, out: Path, on_cell, on_batch
+         ) -> tuple[Path, list[dict[str, Any]]]:
+    device = resolve_device(world.device(config.device))
     if device.type == "cpu":  # one thread by default: OpenMP spin-waits thrash on a shared CPU
         torch.set_num_threads(config.threads)
     env = {**environment(device, registry), "world_size": world.size, "threads": torch.get_num_threads()}
     done: dict[str, dict[str, Any]] = {}
     if world.main:
         check_same_sweep(out, config)
-        out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG, {**config.identity(), "command": config.command, "batch_size":
                                   config.batch_size, "shard": list(config.shard), "environment": env,
+                                  "cell_timeout": config.cell_timeout,
+                                  "cell_timeout_enforced": cell_limit(config, world) is not None,
                                   **config.extra})
         done = {r["cell_id"]: r for r in read_records(out / RESULTS) if r.get("status") in FINAL}
     finished = world.broadcast(set(done))  # every rank skips the same cells
     new: list[dict[str, Any]] = []
-    index = -1  # the cell's place in the whole grid, which shards share out
+    first = 0  # the grid index of the model's first cell: shards share out the whole grid
     for model_spec in config.models:
         # Rank 0 loads first: a download lands in the shared cache once
         plain = world.main_first(partial(load_model, model_spec, device, registry, config.model_options))
         denoiser = accelerate(plain, **config.speed_options())
         calibration_s = calibrate(denoiser, min(config.batch_size, config.num_samples), device)
         cache: dict[Any, Any] = {}
-        for spec in cell_specs(registry, config, model_spec, device):
-            index += 1
-            if index % config.shard[1] != config.shard[0]:
-                continue
+        # The model's parameterization, in config.json and every record
+        model_info = json.loads(json.dumps(plain.describe(), default=str))
+        if world.main:
+            stored = json.loads((out / CONFIG).read_text())
+            write_json(out / CONFIG, {**stored, "model_info": {**stored.get("model_info", {}),
+                                                               model_spec: model_info}})
+        specs = cell_specs(registry, config, model_spec, device, plain.default_schedule)
+        ours = [(first + k, spec) for k, spec in enumerate(specs)
+                if (first + k) % config.shard[1] == config.shard[0]]
+        first += len(specs)
+        # Before the model's first cell: every cell's sigmas, and its time within the limit
+        todo = [spec for _, spec in ours if spec.id not in finished]
+        check_time(config, todo, calibration_s, world.size)
+        for spec in todo:
+            check_cell(registry, spec.method, spec.nfe, denoiser, device)
+        # Before the model's first cell: every metric of its cells can score it
+        check_applies(registry, metric_set(registry, config.metrics, model_spec)[0], model_spec, plain,
+                      {"num_samples": config.num_samples, "seed": config.seed, "device": device,
+                       "cache": cache, "options": config.metric_options})
+        for index, spec in ours:
             if spec.id in finished:
                 if on_cell and world.main:
                     on_cell(spec, done[spec.id])
@@ -218,12 +304,67 @@ def run(
             if not world.main:
                 continue
             record.update(cell_id=spec.id, cell_index=index, environment=env, calibration_s=calibration_s,
-                          repeat=(spec.seed - config.seed) // config.num_samples)
-            append_record(out / RESULTS, record)
+                          repeat=(spec.seed - config.seed) // config.num_samples, model_info=model_info)
+            record = store(out, record)
             new.append(record)
             if on_cell:
                 on_cell(spec, record)
     return out, new
+
+
+def store(out: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Append the cell's record; one that cannot be written (a full disk) comes back failed and
+    `stored: False`, the file cut back to its last good line: a rerun runs the cell again."""
+    try:
+        append_record(out / RESULTS, record)
+    except OSError as exc:
+        return {**record, "status": "failed", "stored": False,
+                "reason": f"its record could not be written: {type(exc).__name__}: {exc}"}
+    return record
+
+
+def cell_limit(config: RunConfig, world: World) -> float | None:
+    """The seconds a cell may run, where that is enforced (bench.deadline): in the main thread
+    of a one-process run; under torchrun a hung rank ends at BENCH_DIST_TIMEOUT instead."""
+    if not config.cell_timeout or world.size > 1 or not time_limit_enforced():
+        return None
+    return config.cell_timeout
+
+
+def check_time(config: RunConfig, specs: list[CellSpec], calibration_s: float, world_size: int) -> None:
+    """Refuse, before they run, cells whose network time alone (the calibrated forward pass x
+    NFE x rounds of batches) passes --cell-timeout: a lower bound, so they would fail anyway."""
+    if not config.cell_timeout:
+        return
+    rounds = math.ceil(math.ceil(config.num_samples / config.batch_size) / world_size)
+    for spec in specs:
+        need = calibration_s * spec.nfe * rounds
+        if need > config.cell_timeout:
+            raise UsageError(
+                f"{spec.method.sampler} at NFE {spec.nfe} on {spec.model} needs at least {need:.0f} s of "
+                f"network time ({calibration_s * 1e3:.3g} ms a call x {spec.nfe} NFE x {rounds} batches), "
+                f"past --cell-timeout {config.cell_timeout:g} s; lower --nfe or --num-samples, or raise "
+                "--cell-timeout (0: no limit)")
+
+
+def check_cell(registry: Registry, method: Method, nfe: int, denoiser: Denoiser | None = None,
+               device: torch.device | None = None) -> None:
+    """A cell's plan (and, given the model, its sigmas) made before any cell runs: an option
+    its sampler or schedule rejects (UsageError) stops the run before work; an infeasible
+    budget or a plugin's own failure is left to the cell, which records it."""
+    sampler = registry.get("samplers", method.sampler.name)
+    options = resolve_options("sampler", sampler.name, sampler.options, dict(method.sampler.options))
+    try:
+        plan = plan_cell(sampler, nfe, options)
+        if denoiser is not None and method.schedule is not None:
+            schedule = registry.get("schedules", method.schedule.name)
+            sched_options = resolve_options("schedule", schedule.name, schedule.options,
+                                            dict(method.schedule.options))
+            make_sigmas(schedule, sched_options, plan, denoiser, device)
+    except UsageError:
+        raise
+    except Exception:  # noqa: S110 -- the cell itself runs this again and records the failure
+        pass
 
 
 def check_same_sweep(out: Path, config: RunConfig) -> None:
@@ -232,10 +373,7 @@ def check_same_sweep(out: Path, config: RunConfig) -> None:
     path = out / CONFIG
     if not path.is_file():
         return
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UsageError(f"{path} is unreadable; give a new --out, or delete the directory") from None
+    stored = read_config(path)  # a corrupt one is a UsageError saying what to do
     mine = json.loads(json.dumps(config.identity()))
     changed = [k for k in IDENTITY_KEYS if mine.get(k) != stored.get(k)]
     if changed:
@@ -247,7 +385,7 @@ def check_same_sweep(out: Path, config: RunConfig) -> None:
 
 
 IDENTITY_KEYS = ("models", "methods", "nfe", "num_samples", "seed", "metrics", "device", "metric_options",
-                 "dtype", "channels_last", "compile", "repeats")
+                 "dtype", "channels_last", "compile", "repeats", "prompts")
 
 
 def _short(value: Any) -> str:
@@ -256,16 +394,17 @@ def _short(value: Any) -> str:
 
 
 def cell_specs(registry: Registry, config: RunConfig, model_spec: str,
-               device: torch.device) -> list[CellSpec]:
-    """The model's cells in grid order: methods x budgets, each method in canonical form."""
-    source = registry.get("models", model_spec.partition(":")[0])
-    names = config.metrics if config.metrics is not None else list(source.default_metrics)
+               device: torch.device, model_schedule: str | None = None) -> list[CellSpec]:
+    """The model's cells in grid order: methods x budgets, each method in canonical form (a
+    method that names no schedule gets the model's preferred one, `model_schedule`, if any)."""
+    names, _ = metric_set(registry, config.metrics, model_spec)  # named, the model's own, else reference
     metrics = tuple((n, registry.version_of("metrics", registry.canonical("metrics", n))) for n in names)
     options = tuple(sorted((k, str(v)) for k, v in config.metric_options.items()))
-    methods = [canonical_method(registry, m) for m in config.methods]
+    methods = [canonical_method(registry, m, model_schedule) for m in config.methods]
     specs = [
         CellSpec(model_spec, method, nfe, config.num_samples, config.seed + r * config.num_samples, metrics,
-                 options, device.type, config.dtype, config.channels_last, config.compile)
+                 options, device.type, config.dtype, config.channels_last, config.compile,
+                 prompts=config.prompts)
         for method in methods
         for nfe in config.nfe
         for r in range(config.repeats)  # disjoint seed blocks, each its own cell
@@ -300,6 +439,7 @@ def base_record(registry: Registry, config: RunConfig, spec: CellSpec, device,
         "device": str(device),
         **config.speed_options(),
         "world_size": world.size,
+        "metric_set": metric_set(registry, config.metrics, spec.model)[1],
         "versions": {
             "sampler": registry.version_of("samplers", sampler.name),
             "schedule": registry.version_of("schedules", method.schedule.name),
@@ -323,32 +463,46 @@ def run_cell(
     failure. In a multi-process run every rank calls it; rank 0's record is the cell's."""
     world = world or World()
     record = base_record(registry, config, spec, device, world)
+    limit = cell_limit(config, world)
     try:
-        # Build the cell on every rank; a failure on any rank fails the cell on all of them
-        solve = world.agree(partial(build, registry, spec, denoiser, device))
-        record.update(solve.record())
-        return {**record, **_measure(registry, config, spec, solve, denoiser, cache, device, on_batch, world)}
+        with time_limit(limit):
+            # Build the cell on every rank; a failure on any rank fails the cell on all of them
+            solve = world.agree(partial(build, registry, spec, denoiser, device))
+            record.update(solve.record())
+            return {**record, **_measure(registry, config, spec, solve, denoiser, cache, device, on_batch,
+                                         world)}
     except Infeasible as exc:  # the planner's reason, or a modifier that does not apply
         return {**record, "status": "infeasible", "reason": str(exc)}
-    except (KeyboardInterrupt, UsageError, ModelLoadError, DistributedError):
+    except (KeyboardInterrupt, ModelLoadError, DistributedError):
         raise
-    except Exception as exc:
-        return {**record, "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
+    except (Exception, SystemExit) as exc:  # plugin code's failure, its sys.exit and a hang included
+        return {**record, "status": "failed", "reason": failure_reason(exc),
+                **({"cell_timeout": limit} if isinstance(exc, CellTimeout) else {}),
                 "traceback": traceback.format_exc(limit=8)}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failed cell's reason in one line."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: plugin code called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _measure(registry, config: RunConfig, spec: CellSpec, solve: Solve, denoiser, cache, device,
              on_batch, world: World) -> dict[str, Any]:
     # Metrics live on rank 0, created per cell and fed batch by batch, in batch order
-    ctx = MetricContext(spec.model, full_precision(denoiser), spec.num_samples, spec.seed, device,
-                        cache, config.metric_options)
+    # They see the model in full precision, guided where the cell is (Modifier.target)
+    model = target_model(registry, spec, full_precision(denoiser), cache)
+    ctx = MetricContext(spec.model, model, spec.num_samples, spec.seed, device, cache, config.metric_options)
     states: dict[str, Any] = {}
     world.on_main(lambda: states.update({n: registry.get("metrics", n).create(ctx) for n, _ in spec.metrics}))
     floor: dict[str, Any] = {}
     world.on_main(lambda: floor.update(data_floor(registry, spec, ctx, config.batch_size)))
     tally = Tally(grid=config.run_dir() / GRIDS / f"{spec.id}.png",
                   replicates=config.run_dir() / REPLICATES / f"{spec.id}.npz",
-                  bootstrap=bootstrap_b(config.metric_options))
+                  bootstrap=bootstrap_b(config.metric_options),
+                  samples=SampleWriter(config.run_dir() / GRIDS / f"{spec.id}.npz", spec.num_samples)
+                  if config.save_samples and world.main else None)
     batches = list(enumerate(_batches(spec.num_samples, config.batch_size)))
     for k, mine in enumerate(world.deal(batches)):
         # Each rank samples its batch of the round (a round is one batch in one process)
@@ -416,6 +570,7 @@ class Tally:
     grid: Path | None = None  # where the first batch's PNG grid goes, once it is saved
     replicates: Path | None = None  # where the metrics' paired bootstrap replicates go
     bootstrap: int = 0  # B, the bootstrap's replicate count (the run's metric option `bootstrap`)
+    samples: SampleWriter | None = None  # --save-samples: the cell's images, streamed in sample order
 
     def feed(self, parts: list[Sampled | None], states: dict[str, Any], device, sigma_max: float) -> None:
         """Add a round's batches, in batch order, and feed them to the metrics."""
@@ -434,6 +589,8 @@ class Tally:
             # The first samples as a PNG grid beside the results
             if self.grid is not None and int(s.indices[0]) == 0:
                 save_grid(s.x0, self.grid)
+            if self.samples is not None:
+                self.samples.write(s.indices, s.x0)
 
 
 def _finish(states, tally: Tally, plan, n: int) -> dict[str, Any]:
@@ -447,6 +604,8 @@ def _finish(states, tally: Tally, plan, n: int) -> dict[str, Any]:
     if len(tally.nfe) != 1:
         raise PluginError(f"sampler spent different NFE on different batches: {sorted(tally.nfe)}")
     saved = save_replicates(states, tally, n)
+    exported = tally.samples.close() if tally.samples is not None else None
+    info = {name: st.info() for name, st in states.items() if callable(getattr(st, "info", None))}
     counted_nfe = next(iter(tally.nfe))
     out = {
         "nfe_counted": counted_nfe,
@@ -460,6 +619,8 @@ def _finish(states, tally: Tally, plan, n: int) -> dict[str, Any]:
         "metrics": metrics,
         **({"grid": f"{GRIDS}/{tally.grid.name}"} if tally.grid and tally.grid.is_file() else {}),
         **({"replicates": f"{REPLICATES}/{saved.name}"} if saved else {}),
+        **({"samples": f"{GRIDS}/{exported.name}"} if exported else {}),
+        **({"metric_info": info} if any(info.values()) else {}),
     }
     if counted_nfe != plan.nfe:
         out["reason"] = f"planner promised {plan.nfe} NFE, sampler spent {counted_nfe}"
@@ -476,8 +637,6 @@ def save_replicates(states: dict[str, Any], tally: Tally, n: int) -> Path | None
     rows = index_sets(n, tally.bootstrap)  # the rows result() took its std from: computed once
     arrays = {k: np.asarray(v, dtype=np.float64) for st in with_reps for k, v in st.replicates(rows).items()}
     tally.replicates.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tally.replicates.with_name(f".{tally.replicates.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, tally.replicates)
-    return tally.replicates
+    npz = io.BytesIO()
+    np.savez(npz, **arrays)
+    return atomic_write(tally.replicates, npz.getvalue())

@@ -172,6 +172,8 @@ def new_plugin(dist: str, parent: Path, installed_samplers: list[str] = ()) -> P
     fill = names(dist)
     if fill["sampler"] in installed_samplers:
         raise UsageError(f"a sampler named '{fill['sampler']}' is already installed; choose another name")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"--dir {parent} is a file, not a directory; give a directory")
     root = parent / dist
     if root.exists():
         raise UsageError(f"{root} exists; choose another name or directory")

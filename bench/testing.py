@@ -450,7 +450,9 @@ def check_modifier(
         "call the denoiser the modifier receives, not the network beneath it"
     )
     assert bool(torch.isfinite(s.x0).all()), f"{name}: non-finite samples"
-    assert s.x0.shape == s.x_init.shape, f"{name}: samples of shape {tuple(s.x0.shape)}"
+    with torch.inference_mode():  # a latent model's samples are its decoded images
+        shape = base.decode(s.x_init).shape
+    assert s.x0.shape == shape, f"{name}: samples of shape {tuple(s.x0.shape)}, not {tuple(shape)}"
     # Repeatable and independent of batch mates
     check_determinism(case, nfe)
     check_batch_invariance(case, nfe)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from bench import Method, Spec
 from bench.cli import main
-from bench.digits import WEIGHTS, UNet, load_unet
+from bench.digits import FLOW_FIELDS, FLOW_WEIGHTS, WEIGHTS, TrainConfig, UNet, load_unet
 from bench.digits_classifier import digits
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
@@ -135,7 +135,7 @@ def test_training_command_rejects_bad_input(tmp_path, capsys):
     assert main(["train-digits", "--out", str(tmp_path / "x"), "--channels", "8,x"]) == 2
     assert "--channels" in capsys.readouterr().err
     missing = f"digits:{tmp_path / 'missing.safetensors'}"
-    assert main(["run", "--model", missing, "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    assert main(["run", "--model", missing, "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train-digits" in err
     assert main(["run", "--model", "digits-optimal:x", "--out", str(tmp_path / "run2"), "--quiet"]) == 2
@@ -174,3 +174,51 @@ def test_each_cell_saves_a_png_grid_of_its_first_samples(registry, tmp_path):
     with Image.open(tmp_path / "run" / record["grid"]) as png:
         # 12 images of the first batch in an 8-wide grid, enlarged to >= 256 px a side
         assert png.size[0] >= 256 and png.size[0] > png.size[1]
+
+
+# --- digits-flow: the same UNet trained with rectified flow --------------------------------
+
+
+@pytest.fixture(scope="module")
+def flow(registry):
+    return registry.get("models", "digits-flow").load(None)
+
+
+def test_digits_flow_is_registered_with_the_digits_metrics_and_its_schedule(registry, flow, capsys):
+    source = registry.get("models", "digits-flow")
+    assert source.default_metrics == registry.get("models", "digits").default_metrics
+    assert FLOW_WEIGHTS.is_file() and FLOW_WEIGHTS.stat().st_size < 4_000_000
+    assert flow.default_schedule == "flow" and flow.time_scale == 1000.0 and flow.prediction == "velocity"
+    assert (flow.sigma_min, flow.sigma_max) == pytest.approx((0.002, 80.0))
+    assert flow.data_samples(5).shape == (5, 1, 8, 8)  # the data floor
+    assert main(["list", "models"]) == 0 and "digits-flow" in capsys.readouterr().out
+
+
+def test_digits_flow_denoises_real_digits(flow, images):
+    """x0 = x_t - t v from the network: better than the data mean at a moderate noise level,
+    the input itself near sigma_min."""
+    y = images[:256]
+    x = y + 0.5 * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        err = float((flow(x, 0.5) - y).square().mean())
+        near = float((flow(y, flow.sigma_min) - y).abs().max())
+    assert err < 0.5 * float((images.mean(0) - y).square().mean()) and near < 0.05
+
+
+def test_training_objectives_keep_apart_and_edm_metadata_unchanged(tmp_path, capsys):
+    first = _train(tmp_path, "f1.safetensors", "--objective", "flow")
+    assert _train(tmp_path, "f2.safetensors", "--objective", "flow") == first  # deterministic
+    assert _train(tmp_path, "e.safetensors") != first
+    _, flow_config = load_unet(tmp_path / "f1.safetensors")
+    assert flow_config["objective"] == "flow" and flow_config["time_scale"] == 1000.0
+    # The EDM recipe's metadata is what it was before the flow objective: the shipped file's
+    _, shipped = load_unet(WEIGHTS)
+    recipe = {k: v for k, v in TrainConfig().__dict__.items() if k not in FLOW_FIELDS}
+    assert shipped == json.loads(json.dumps(recipe))
+    capsys.readouterr()
+    # Each file loads only as its own model, in one line
+    for k, (spec, hint) in enumerate(((f"digits:{tmp_path / 'f1.safetensors'}", "digits-flow:"),
+                                      (f"digits-flow:{tmp_path / 'e.safetensors'}", "as digits:"))):
+        assert main(["run", "--model", spec, "--out", str(tmp_path / f"run{k}"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and hint in err, err

@@ -253,9 +253,10 @@ def _run_error(tmp_path, capsys, *args: str) -> tuple[int, str]:
 
 def test_missing_or_bad_inception_weights_are_one_line_errors(tmp_path, capsys, monkeypatch, inception):
     ref = ["--ref-stats", inception["folder"]]
-    # A path that does not exist
+    # A path that does not exist: a usage error before any cell, naming the file to put there
     code, err = _run_error(tmp_path, capsys, "--fid-weights", str(tmp_path / "nope.pth"), *ref)
-    assert code == ModelLoadError.exit_code and "nope.pth" in err and len(err.splitlines()) == 1
+    assert code == UsageError.exit_code and "nope.pth" in err and len(err.splitlines()) == 1
+    assert fidelity.INCEPTION_FILE in err and not list(tmp_path.glob("run-*/results.jsonl"))
     # Not a torch file at all, and a state dict of another network
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
@@ -270,7 +271,7 @@ def test_missing_or_bad_inception_weights_are_one_line_errors(tmp_path, capsys, 
     monkeypatch.setenv("TORCH_HOME", str(cache))
     monkeypatch.setenv("BENCH_OFFLINE", "1")
     code, err = _run_error(tmp_path, capsys, *ref)
-    assert code == ModelLoadError.exit_code and len(err.splitlines()) == 1
+    assert code == UsageError.exit_code and len(err.splitlines()) == 1
     assert str(cache / "hub" / "checkpoints" / fidelity.INCEPTION_FILE) in err
 
 

@@ -423,6 +423,30 @@ FACTORY_SRC = textwrap.dedent("""
     def build_denoiser():
         from bench.models import gaussian
         return gaussian(shape=(1, 8, 8))
+
+    class Net28(torch.nn.Module):  # a tiny MNIST-sized network on (x, t), as flow and DDPM nets
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.out = torch.nn.Conv2d(4, 1, 1)
+
+        def forward(self, x, t):
+            return self.out(torch.tanh(self.conv(x) + t.reshape(-1, 1, 1, 1) / 1000))
+
+    class Trainer(torch.nn.Module):  # how training code holds it: keys start with 'network.'
+
+        def __init__(self):
+            super().__init__()
+            self.network = Net28()
+
+    def build_flow(prediction="velocity", time_scale=1000.0, channels=1, kind="flow"):
+        return {"net": Net28(), "shape": (channels, 28, 28), "kind": kind, "prediction": prediction,
+                "time_scale": time_scale}
+
+    def build_ddpm28():
+        a = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+        return {"net": Net28(), "shape": (1, 28, 28), "kind": "discrete", "alphas_cumprod": a}
 """)
 
 
@@ -476,7 +500,97 @@ def test_factory_errors_are_one_line(factory, tmp_path):
         load_factory("no_such_module_xyz:build")
     with pytest.raises(ModelLoadError, match="do not match"):
         load_factory(f"{path}:build;weights={weights};channels=5")
-    with pytest.raises(UsageError, match="unknown kind"):
-        load_factory(f"{path}:build;kind=flow")
-    with pytest.raises(UsageError, match="prediction is for vp and discrete"):
+    with pytest.raises(UsageError, match="unknown kind 'nope'; use edm, vp, ve, discrete, flow"):
+        load_factory(f"{path}:build;kind=nope")
+    with pytest.raises(UsageError, match="prediction is for vp, discrete and flow"):
         load_factory(f"{path}:build;kind=edm;prediction=x0")
+
+
+@pytest.fixture
+def torch_checkpoint(factory, tmp_path):
+    """The 28x28 network saved as training code saves it: a torch `.pt` state dict whose keys
+    carry the `network.` prefix."""
+    namespace: dict = {}
+    exec(FACTORY_SRC, namespace)
+    torch.manual_seed(4)
+    trainer = namespace["Trainer"]()
+    path = tmp_path / "mnist.pt"
+    torch.save(trainer.state_dict(), path)
+    assert next(iter(torch.load(path, weights_only=True))).startswith("network.")
+    return factory[0], path, trainer.network
+
+
+def test_factory_flow_from_a_torch_state_dict_with_a_key_prefix(torch_checkpoint, registry):
+    path, weights, net = torch_checkpoint
+    spec = f"factory:{path}:build_flow;weights={weights};strip_prefix=network."
+    d = load_model(spec, CPU, registry=registry)
+    check_contract(d, (1, 28, 28), near_identity=False)
+    # Rectified flow by hand: t = sigma / (1 + sigma), x_t = x / (1 + sigma), x0 = x_t - t v
+    x, sigma = torch.randn(3, 1, 28, 28), torch.tensor([0.05, 1.0, 30.0])
+    t = (sigma / (1 + sigma)).reshape(-1, 1, 1, 1)
+    x_t = x / (1 + sigma.reshape(-1, 1, 1, 1))
+    with torch.no_grad():
+        assert torch.allclose(d(x, sigma), x_t - t * net(x_t, 1000 * t.reshape(-1)), atol=1e-6)
+        # x0 and eps predictions read the same output as x0, and as eps: x0 = (x_t - t eps) / (1 - t)
+        for prediction, x0 in (("x0", net(x_t, 1000 * t.reshape(-1))),
+                               ("eps", (x_t - t * net(x_t, 1000 * t.reshape(-1))) / (1 - t))):
+            other = load_model(f"{spec};prediction={prediction}", CPU, registry=registry)
+            assert torch.allclose(other(x, sigma), x0, atol=1e-5)
+    assert d.describe()["time"] == "flow" and d.describe()["time_scale"] == 1000.0
+    assert d.default_schedule == "flow" and d.sigma_max == pytest.approx(999, rel=1e-6)
+    # A torch file under a name of no known suffix loads too (safetensors tried first)
+    bare = weights.with_name("mnist-weights")
+    bare.write_bytes(weights.read_bytes())
+    same = load_model(spec.replace(str(weights), str(bare)), CPU, registry=registry)
+    assert torch.equal(same(x, sigma), d(x, sigma))
+
+
+def test_factory_records_the_parameterization_in_config_and_every_record(torch_checkpoint, tmp_path):
+    path, weights = torch_checkpoint[:2]
+    flow = f"factory:{path}:build_flow;weights={weights};strip_prefix=network."
+    ddpm = f"factory:{path}:build_ddpm28;weights={weights};strip_prefix=network."
+    out = tmp_path / "run"
+    args = run_args(f"{flow},{ddpm}", out, "euler", "2")
+    assert main(args) == 0
+    info = json.loads((out / "config.json").read_text())["model_info"]
+    assert info[flow]["time"] == "flow" and info[flow]["prediction"] == "velocity"
+    assert info[flow]["time_scale"] == 1000.0 and info[flow]["t_min"] == pytest.approx(1e-3)
+    assert info[ddpm]["timesteps"] == 1000 and info[ddpm]["prediction"] == "epsilon"
+    assert info[ddpm]["sigma_min"] == pytest.approx(math.sqrt(1e-4 / (1 - 1e-4)))
+    records = {r["model"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert records[flow]["model_info"] == info[flow] and records[ddpm]["model_info"] == info[ddpm]
+    # A method that names no schedule gets the flow model's own, recorded as such
+    assert records[flow]["schedule"] == records[flow]["spec"]["schedule"] == "flow"
+    assert records[ddpm]["schedule"] == "karras"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (";strip_prefix=network.;channels=3", "fails on a batch of declared shape (3, 28, 28)"),
+        (";strip_prefix=network.;kind=nope", "unknown kind 'nope'"),
+        (";strip_prefix=network.;prediction=v_prediction", "kind 'flow' has no prediction 'v_prediction'"),
+        (";strip_prefix=network.;size=3", "unexpected keyword argument 'size'"),
+        ("", "strip_prefix= (e.g. network.)"),
+        (";strip_prefix=module.", "no key of"),
+    ],
+)
+def test_factory_load_problems_are_one_line_exit_2(torch_checkpoint, tmp_path, capsys, options, message):
+    path, weights = torch_checkpoint[:2]
+    code = main(run_args(f"factory:{path}:build_flow;weights={weights}{options}", tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run" / "results.jsonl").exists()  # nothing sampled
+
+
+def test_factory_spec_mistakes_are_one_line_exit_2(torch_checkpoint, tmp_path, capsys):
+    path, weights = torch_checkpoint[:2]
+    for k, (spec, message) in enumerate((
+        (f"factory:{path}:build_flow:weights={weights}", "options follow the function after ';', not ':'"),
+        (f"factory:{path}:build_flow;weights={tmp_path / 'gone.pt'}", "no such weights file"),
+        (f"factory:{tmp_path / 'gone.py'}:build_flow", "no such file"),
+        (f"factory:{path}:build_flow;weights={path}", "neither safetensors nor a torch state dict"),
+    )):
+        assert main(run_args(spec, tmp_path / f"run{k}")) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

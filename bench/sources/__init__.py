@@ -1,8 +1,8 @@
 """Model sources for the checkpoints people actually use, one module each:
 
     edm.py        edm:PATH|URL|PRESET[;class=K]                NVlabs network pickle (--trust-pickle)
-    diffusers.py  diffusers:DIR|OWNER/REPO|PRESET[;prediction=P][;class=K]
-    factory.py    factory:MODULE|FILE.py:FUNCTION[;weights=FILE][;key=value...]
+    diffusers.py  diffusers:DIR|OWNER/REPO|PRESET[;prediction=P][;class=K][;resolution=N|HxW][;shift=S]
+    factory.py    factory:MODULE|FILE.py:FUNCTION[;weights=FILE][;strip_prefix=P][;key=value...]
     download.py   the cache ($BENCH_CACHE), downloads with deadlines, offline errors
 
 The runner splits `--model name:arg` at the first ':'; the arg is a target followed by

@@ -119,3 +119,19 @@ def prepare(
     except OSError as exc:  # an unwritable cache costs a refit next time, not the cell
         source += f", not cached: {exc}"
     return {**result, "fitted_predictor": predictor, "predictor_source": source, "fit_s": stats["fit_s"]}
+
+
+def estimate(name: str, base: str, denoiser, sigmas, options, call_s) -> dict[str, float] | None:
+    """What `prepare` would cost for this cell when no valid predictor is packaged or cached
+    (None when one is): the teacher's calls, then the student's per batch and epoch (about 3
+    forward passes each with the backward), `call_s(batch)` seconds a forward pass."""
+    key, _, fit, _ = settings(denoiser, sigmas, name, base, options)
+    entry = cache.entry_name(key)
+    if any(cache.load(d / entry, key)[0] is not None for d in (cache.PACKAGED, cache.cache_dir())):
+        return None
+    intervals = len(sigmas) - 1
+    teacher = intervals * -(-fit.teacher_steps // intervals) * (2 if fit.teacher == "heun" else 1)
+    student = 2 * intervals - int(bool(options["afs"]))
+    sizes = [min(fit.batch, fit.samples - k) for k in range(0, fit.samples, fit.batch)]
+    calls = len(sizes) * (teacher + fit.epochs * student)
+    return {"calls": calls, "seconds": sum((teacher + 3 * fit.epochs * student) * call_s(b) for b in sizes)}

@@ -7,7 +7,7 @@ from functools import partial
 from bench import Plan, Sampler
 from bench.solvers import plan_steps
 
-from .prepare import prepare
+from .prepare import estimate, prepare
 from .solvers import sample_amed
 
 # Options every AMED sampler has: the budget's AFS, the predictor's input, the fit
@@ -50,6 +50,7 @@ def amed_sampler(name: str, base: str, description: str, **extra) -> Sampler:
         description,
         options={**COMMON, **extra},
         prepare=partial(prepare, name, base),
+        estimate=partial(estimate, name, base),
     )
 
 

@@ -217,6 +217,12 @@ SCHEDULES = [
         options={"rho": 1.0, "eps_s": 1e-3},
     ),
     Schedule(
+        "flow",
+        schedules.flow,
+        "flow matching: uniform in t = sigma / (1 + sigma) (diffusers' FlowMatchEuler), SD3's shift",
+        options={"shift": 1.0},
+    ),
+    Schedule(
         "discrete",
         schedules.discrete,
         "trained timesteps of a discrete-time model, diffusers' trailing/leading/linspace spacing",

@@ -40,6 +40,8 @@ def _finish(sigmas: Tensor, to_zero: bool, denoiser=None) -> Tensor:
 
 def karras(n, sigma_min, sigma_max, *, to_zero=True, denoiser=None, device="cpu", rho=7.0, **_) -> Tensor:
     """Karras et al. (2022), eq. 5: uniform in sigma^(1/rho) from sigma_max to sigma_min."""
+    if not (math.isfinite(rho) and rho > 0):
+        raise UsageError(f"schedule 'karras': rho={rho} must be a positive number, e.g. 7.0 (EDM)")
     ramp = _ramp(n, to_zero, device)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _finish((hi + ramp * (lo - hi)) ** rho, to_zero, denoiser)
@@ -50,6 +52,25 @@ def logsnr(n, sigma_min, sigma_max, *, to_zero=True, denoiser=None, device="cpu"
     ramp = _ramp(n, to_zero, device)
     lo, hi = math.log(sigma_min), math.log(sigma_max)
     return _finish(torch.exp(hi + ramp * (lo - hi)), to_zero, denoiser)
+
+
+def flow_shift(t, shift: float):
+    """SD3's time shift (Esser et al. 2024, eq. 23): t' = shift t / (1 + (shift - 1) t)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow(n, sigma_min, sigma_max, *, to_zero=True, denoiser=None, device="cpu", shift=1.0, **_) -> Tensor:
+    """Flow matching's steps: uniform in t = sigma / (1 + sigma) from t_max to t_min, as
+    diffusers' FlowMatchEulerDiscreteScheduler spaces them (its linspace), then SD3's `shift`;
+    sigma = t / (1 - t). The ramp is uniform before the shift, whose ends are the model's."""
+    if not (math.isfinite(shift) and shift > 0):
+        raise UsageError(f"schedule 'flow': shift={shift} must be a positive number, e.g. 3.0 (SD3)")
+    ramp = _ramp(n, to_zero, device)
+    # The model's t range, unshifted, so that the shifted ends are t_min and t_max again
+    t_lo, t_hi = sigma_min / (1 + sigma_min), sigma_max / (1 + sigma_max)
+    u_lo, u_hi = (flow_shift(t, 1 / shift) for t in (t_lo, t_hi))
+    t = flow_shift(u_hi + ramp * (u_lo - u_hi), shift)
+    return _finish(t / (1 - t), to_zero, denoiser)
 
 
 def vp_fit(sigma_min: float, sigma_max: float, eps_s: float = 1e-3) -> tuple[float, float]:
@@ -70,6 +91,9 @@ def time_uniform(
     n, sigma_min, sigma_max, *, to_zero=True, denoiser=None, device="cpu", rho=1.0, eps_s=1e-3, **_
 ) -> Tensor:
     """VP time-uniform (Song et al. 2021; diff-sampler's variant): t^(1/rho) uniform in [eps_s, 1]."""
+    if not (math.isfinite(rho) and rho > 0 and 0 < eps_s < 1):
+        raise UsageError(f"schedule 'time-uniform': rho={rho}, eps_s={eps_s}; rho must be positive and "
+                         "eps_s in (0, 1), e.g. rho=1.0:eps_s=0.001")
     beta_d, beta_min = vp_fit(sigma_min, sigma_max, eps_s)
     ramp = _ramp(n, to_zero, device)
     t = (1 + ramp * (eps_s ** (1 / rho) - 1)) ** rho

@@ -164,6 +164,10 @@ def cmd_skip_tune(registry, args: argparse.Namespace) -> int:
     device = args.device
     if args.num_samples < 2:
         raise UsageError("--num-samples must be at least 2")
+    if args.refine < 0:
+        raise UsageError(f"--refine: {args.refine}; give a number of step halvings >= 0 (default 3)")
+    # Where the factors go, writable before any search
+    bench.writable_file(args.out or tuned.cache_dir() / tuned.file_name(args.model), "--out")
     denoiser = load_model(args.model, device, registry=registry)
     layout = layout_of(denoiser)  # one-line error for a model without reachable skips
     fp = tuned.fingerprint(denoiser.net)

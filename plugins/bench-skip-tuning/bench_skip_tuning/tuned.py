@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+import bench
+
 FORMAT = 1
 PACKAGED = Path(__file__).parent / "tuned"
 KEY = ("model", "fingerprint", "sampler", "schedule", "nfe")
@@ -59,10 +61,7 @@ def save(path: Path, entry: dict[str, Any]) -> Path:
     entries.append(entry)
     entries.sort(key=lambda e: (e["model"], e["sampler"], e["schedule"], e["nfe"]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "entries": entries}, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return bench.atomic_write(path, json.dumps({"format": FORMAT, "entries": entries}, indent=2) + "\n")
 
 
 def candidates(model: str) -> list[Path]:

@@ -1,0 +1,103 @@
+"""Searched schedules on disk: small JSON files keyed by everything that shapes a search.
+
+The key holds the method, the model spec and a fingerprint of its weights and description,
+the sigma range, the steps and terminal convention, the search solver with the options that
+change its arithmetic, the search options and this plugin's version. A file's name carries
+a digest of its key and the file the whole key, checked on loading: a file that cannot be
+read, holds another key or sigmas that are not n + 1 finite decreasing values is searched
+again, never trusted. Schedules committed with the package (`bench_learned_schedules/fitted`)
+are looked up first, then the user cache ($BENCH_CACHE/learned-schedules, default
+~/.cache/sampler-bench/learned-schedules).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import DenoiserWrapper
+
+from . import __version__
+
+FORMAT = 1
+PACKAGED = Path(__file__).parent / "fitted"
+
+
+def cache_dir() -> Path:
+    """$BENCH_CACHE/learned-schedules, or ~/.cache/sampler-bench/learned-schedules."""
+    root = os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "sampler-bench"
+    return Path(root) / "learned-schedules"
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha1 of the model's description and of every weight and buffer, bit for bit (of the
+    model under the harness's wrappers: the NFE counter changes nothing)."""
+    while isinstance(model, DenoiserWrapper):
+        model = model.inner
+    h = hashlib.sha1(json.dumps(model.describe(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(
+    method: str, model, n: int, to_zero: bool, solver: str, solver_options: dict, search: dict
+) -> dict[str, Any]:
+    """Everything a searched schedule depends on."""
+    return {
+        "format": FORMAT,
+        "plugin": f"bench-learned-schedules=={__version__}",
+        "method": method,
+        "model": getattr(model, "spec", "") or "",
+        "fingerprint": fingerprint(model),
+        "sigma_range": [float(model.sigma_min), float(model.sigma_max)],
+        "steps": n,
+        "to_zero": bool(to_zero),
+        "solver": solver,
+        "solver_options": solver_options,
+        "search": search,
+    }
+
+
+def entry_name(key: dict[str, Any]) -> str:
+    return f"{key['method']}-{key['solver']}-steps{key['steps']}-{digest(key)[:16]}.json"
+
+
+def save(path: Path, sigmas: list[float], key: dict[str, Any], stats: dict[str, Any]) -> Path:
+    """Write atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps({"key": key, "sigmas": sigmas, "stats": stats}, indent=1, sort_keys=True) + "\n"
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: Path, key: dict[str, Any]) -> tuple[list[float] | None, str]:
+    """(sigmas, "ok") or (None, why): "missing", "corrupt" or "stale"."""
+    if not path.is_file():
+        return None, "missing"
+    try:
+        entry = json.loads(path.read_text())
+        if entry["key"] != json.loads(json.dumps(key)):
+            return None, "stale"
+        sigmas = [float(s) for s in entry["sigmas"]]
+    except Exception:  # unreadable, truncated, bad fields: search again
+        return None, "corrupt"
+    ok = len(sigmas) == key["steps"] + 1 and all(math.isfinite(s) for s in sigmas)
+    if not ok or not all(a > b for a, b in zip(sigmas, sigmas[1:], strict=False)):
+        return None, "corrupt"
+    return sigmas, "ok"
