@@ -8,15 +8,18 @@ error); a failing cell never stops the run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -41,8 +44,6 @@ from .cell import (
     target_model,
 )
 from .contracts import Batch, Denoiser, MetricContext, resolve_options
-from .deadline import DEFAULT_S, CellTimeout, time_limit
-from .deadline import enforced as time_limit_enforced
 from .distributed import DistributedError, World
 from .errors import BenchError, Infeasible, ModelLoadError, PluginError, UsageError
 from .images import SampleWriter, save_grid
@@ -68,6 +69,48 @@ GRIDS = "samples"  # run subdirectory of each cell's PNG grid of its first sampl
 REPLICATES = "replicates"  # run subdirectory of each cell's paired bootstrap replicates (.npz)
 
 
+# --- The cell time limit --------------------------------------------------------------
+#
+# A time limit on one cell (`bench run --cell-timeout SECONDS`).
+#
+# In the main thread of a process on a POSIX system the limit is a SIGALRM timer whose
+# handler raises `CellTimeout` inside the running Python code: a sampler stuck in a Python
+# loop or a sleep fails its cell and the run goes on. A single call into native code (one
+# huge torch op) is interrupted only when it returns to Python. Where signals cannot be
+# used (another thread, Windows) the limit is not enforced, and `time_limit_enforced()` says so.
+
+DEFAULT_TIMEOUT_S = 1800.0  # the default --cell-timeout: half an hour per cell
+
+
+class CellTimeout(Exception):
+    """A cell ran past its time limit."""
+
+
+def time_limit_enforced() -> bool:
+    """Whether a time limit can be enforced here: SIGALRM exists and this is the main thread."""
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str = "the cell") -> Iterator[None]:
+    """Raise CellTimeout inside the block once `seconds` have passed (None or 0: no limit;
+    nothing is enforced where `time_limit_enforced()` is false)."""
+    if not seconds or not time_limit_enforced():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CellTimeout(f"{what} ran past --cell-timeout {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run; what identifies a cell is hashed into its id."""
@@ -91,7 +134,7 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     shard: tuple[int, int] = (0, 1)  # (i, n): this job runs the cells whose grid index is i mod n
-    cell_timeout: float = DEFAULT_S  # seconds a cell may run (0: no limit); not identity
+    cell_timeout: float = DEFAULT_TIMEOUT_S  # seconds a cell may run (0: no limit); not identity
     save_samples: bool = False  # each cell's samples as uint8 images in samples/<cell_id>.npz; not identity
     prompts: str = ""  # the digest of the --prompts file (bench.prompts); identity if set
 
@@ -324,7 +367,7 @@ def store(out: Path, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def cell_limit(config: RunConfig, world: World) -> float | None:
-    """The seconds a cell may run, where that is enforced (bench.deadline): in the main thread
+    """The seconds a cell may run, where that is enforced (`time_limit_enforced`): in the main thread
     of a one-process run; under torchrun a hung rank ends at BENCH_DIST_TIMEOUT instead."""
     if not config.cell_timeout or world.size > 1 or not time_limit_enforced():
         return None

@@ -17,7 +17,8 @@ import torch_fidelity  # noqa: F401 -- imported before the timed cells: its firs
 
 # on a busy machine) would count against the first cell's --cell-timeout
 from bench.cli import main
-from bench.deadline import CellTimeout, enforced, time_limit
+from bench.runner import CellTimeout, time_limit
+from bench.runner import time_limit_enforced as enforced
 from bench.store import LOCK, RESULTS, read_records
 
 # Fault-injection plugins: each sampler breaks the contract one way; f-rising's schedule rises
