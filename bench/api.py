@@ -66,7 +66,12 @@ def methods_from(registry, samplers, schedule, modifiers):
     schedules = [None if s == "default" else Spec.parse(s) for s in split_specs(schedule)]
     chains = [() if v == "none" else tuple(Spec.parse(m) for m in v.split("+"))
               for v in split_specs(modifiers)]
-    return [Method(s, sch, ch) for ch in chains for s in specs for sch in schedules]
+    pairs = [(s, sch) for s in specs for sch in schedules]
+    if names == ["all"] and schedules == [None]:  # and the pairings schedules feature (learned ones)
+        installed = set(registry.names("samplers"))
+        pairs += [(Spec(sampler), Spec(name)) for name in registry.names("schedules")
+                  for sampler in registry.get("schedules", name).featured if sampler in installed]
+    return [Method(s, sch, ch) for ch in chains for s, sch in pairs]
 
 
 def parse_nfe(value: str | int | list[int] | tuple[int, ...]) -> list[int]:

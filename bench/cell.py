@@ -12,7 +12,6 @@ and `bench compare` judges from it alone whether two cells can be compared.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
@@ -487,67 +486,3 @@ def build(registry, spec: CellSpec, model: Denoiser, device: torch.device | str 
         counter.reset()
     solve.prep.update(fitted)
     return solve
-
-
-
-def fit_notices(registry, config) -> list[str]:
-    """One line per cell of the run whose fit stage (a searched schedule's search, a sampler's
-    prepare) is not cached, with its estimated network calls and seconds (from forward passes
-    timed at the fit's batch sizes); none, and no model loaded, when no method has one."""
-    from .runner import calibrate, cell_specs  # the runner builds on this module
-
-    def staged(method: Method) -> bool:
-        sampler = registry.get("samplers", method.sampler.name)
-        sched = registry.get("schedules", (method.schedule or Spec.parse(sampler.default_schedule)).name)
-        return sched.estimate is not None or sampler.estimate is not None
-    if not any(staged(m) for m in config.methods):
-        return []
-    lines, seen = [], set()
-    for model_spec in config.models:
-        device = resolve_device(config.device)
-        model = load_model(model_spec, device, registry, config.model_options)
-        call_s = functools.cache(functools.partial(_forward_s, calibrate, model, device))
-        for spec in cell_specs(registry, config, model_spec, device, model.default_schedule):
-            label = (model_spec, str(spec.method), spec.nfe)
-            if label in seen:
-                continue
-            seen.add(label)
-            try:
-                lines += _estimates(registry, spec, model, device, call_s)
-            except Exception:  # noqa: S112 -- the cell itself reports what is wrong
-                continue
-    return lines
-
-
-def _forward_s(calibrate, model: Denoiser, device, batch: int) -> float:
-    return calibrate(model, batch, device, repeats=3)
-
-
-def _estimates(registry, spec: CellSpec, model: Denoiser, device, call_s) -> list[str]:
-    sampler = registry.get("samplers", spec.method.sampler.name)
-    options = resolve_options("sampler", sampler.name, sampler.options, dict(spec.method.sampler.options))
-    plan = plan_cell(sampler, spec.nfe, options)
-    options = {**options, **plan.options}
-    sched_spec = spec.method.schedule or Spec.parse(sampler.default_schedule)
-    schedule = registry.get("schedules", sched_spec.name)
-    sched_options = resolve_options("schedule", schedule.name, schedule.options, dict(sched_spec.options))
-    where, out, sigmas = f"{spec.method.label(sampler.default_schedule)} @ NFE {spec.nfe}", [], None
-    if schedule.fit is not None and plan.sigmas is None:
-        cell = {"model": spec.model, "sampler": sampler.name, "sampler_options": options, "nfe": spec.nfe}
-        args = (plan.steps, model.sigma_min, model.sigma_max)
-        est = schedule.estimate(*args, to_zero=plan.to_zero, denoiser=model, device=device, cell=cell,
-                                call_s=call_s, **sched_options) if schedule.estimate else None
-        if est:
-            out.append(f"{where}: schedule {sched_spec} searches first, about {est['calls']} network calls, "
-                       f"{est['seconds']:.0f} s (not cached)")
-        else:  # found: its sigmas, for the sampler's own estimate
-            sigmas = schedule.fit(*args, to_zero=plan.to_zero, denoiser=model, device=device, cell=cell,
-                                  **sched_options)[0]
-    else:
-        sigmas = make_sigmas(schedule, sched_options, plan, model, device)
-    if sampler.estimate is not None and sigmas is not None:
-        est = sampler.estimate(model, sigmas, options, call_s)
-        if est:
-            out.append(f"{where}: {sampler.name} fits first, about {est['calls']} network calls, "
-                       f"{est['seconds']:.0f} s (not cached)")
-    return out

@@ -41,9 +41,9 @@ _c = _Consoles()
 def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .cell import fit_notices, resolve_device
+    from .cell import resolve_device
     from .distributed import World
-    from .runner import cell_specs, run, validate
+    from .runner import cell_specs, fit_notices, run, validate
     from .store import Run
 
     options = {k: getattr(args, k) for k in DEFAULTS}
@@ -54,7 +54,8 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
     validate(registry, config)  # every name exists before the grid is counted
     grid = sum(len(cell_specs(registry, config, m, resolve_device(config.device))) for m in config.models)
     n_cells = len(range(shard, grid, n_shards))  # after duplicates, with repeats
-    for line in fit_notices(registry, config) if world.main and not args.quiet else ():
+    notices = fit_notices(registry, config) if world.main and not args.quiet else {}
+    for line in (line for lines in notices.values() for line in lines):
         _c.err.print(line)  # what each fit stage not yet cached will cost, before it starts
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -75,10 +76,16 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
                     f"[red]failed[/red] {record['method']} @ NFE {cell.nfe}: {record['reason']}"
                 )
 
-        def on_batch(cell_id, done, total):
-            progress.update(batches, completed=done, total=total)
+        def on_start(cell):
+            # The cell now running; a fit stage first says so, with its estimate
+            fit = notices.get(cell.id)
+            progress.update(batches, completed=0, total=None,
+                            description=fit[0].replace(" (not cached)", "") if fit else "batches")
 
-        run_dir, new = run(registry, config, on_cell=on_cell, on_batch=on_batch)
+        def on_batch(cell_id, done, total):
+            progress.update(batches, completed=done, total=total, description="batches")
+
+        run_dir, new = run(registry, config, on_cell=on_cell, on_batch=on_batch, on_start=on_start)
     if not world.main:
         return 0
     code = render(registry, Run.open(run_dir), reporters)

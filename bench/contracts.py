@@ -222,6 +222,8 @@ class Schedule:
     records its calls and seconds as `schedule_fit_nfe`, `schedule_fit_s` and `info` as
     `schedule_fitted`. `estimate`, with those arguments plus `call_s(batch)` (seconds of one
     forward pass), is {"calls", "seconds"} of a search not yet cached, or None.
+    `featured` names the samplers that `--samplers all` also runs on this schedule (the
+    pairings its plugin ships results for), beside each sampler on its default schedule.
     """
 
     name: str
@@ -231,6 +233,7 @@ class Schedule:
     aliases: tuple[str, ...] = ()  # other names that resolve to it (k-diffusion's, say)
     fit: Callable[..., tuple[Tensor, Mapping[str, Any]]] | None = None
     estimate: Callable[..., Mapping[str, float] | None] | None = None
+    featured: tuple[str, ...] = ()
 
 
 # --- Modifier -------------------------------------------------------------------------

@@ -211,12 +211,15 @@ def verdicts(run: Run, level: float = LEVEL) -> list[dict[str, Any]]:
 
 
 def verdict_frame(entries: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (metric, budget): best, its value and wall-clock, the tied methods."""
+    """One row per (metric, budget): best, its value and wall-clock, the tied methods; with a
+    model column when the run has several models."""
     rows = []
+    models = len({e["model"] for e in entries}) > 1
     for e in entries:
         best = e["methods"][e["best"]]
         tied = sorted(e["tied"], key=lambda m: e["methods"][m]["point"], reverse=e["higher_is_better"])
         rows.append({
+            **({"model": e["model"]} if models else {}),
             "metric": f"{e['title']} (n={e['n']})",
             "NFE": str(e["nfe"]),
             "best": e["best"],

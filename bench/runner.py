@@ -9,6 +9,7 @@ error); a failing cell never stops the run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -34,6 +35,7 @@ from .cell import (
     Method,
     Sampled,
     Solve,
+    Spec,
     build,
     canonical_method,
     digest,
@@ -273,6 +275,7 @@ def run(
     config: RunConfig,
     on_cell: Callable[[CellSpec, dict[str, Any] | None], None] | None = None,
     on_batch: Progress | None = None,
+    on_start: Callable[[CellSpec], None] | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Run every cell not already finished in the run directory; return (dir, new records).
 
@@ -284,18 +287,18 @@ def run(
     world = World.from_env()
     out = config.run_dir()
     if not world.main:
-        return _run(registry, config, world, out, on_cell, on_batch)
+        return _run(registry, config, world, out, on_cell, on_batch, on_start)
     with run_lock(writable_dir(out)):  # one writer per run directory
         try:
-            return _run(registry, config, world, out, on_cell, on_batch)
+            return _run(registry, config, world, out, on_cell, on_batch, on_start)
         except BenchError:  # refused before any cell stored: no config.json claims the directory
             if not (out / RESULTS).exists():
                 (out / CONFIG).unlink(missing_ok=True)
             raise
 
 
-def _run(registry: Registry, config: RunConfig, world: World, out: Path, on_cell, on_batch
-         ) -> tuple[Path, list[dict[str, Any]]]:
+def _run(registry: Registry, config: RunConfig, world: World, out: Path, on_cell, on_batch,
+         on_start=None) -> tuple[Path, list[dict[str, Any]]]:
     device = resolve_device(world.device(config.device))
     if device.type == "cpu":  # one thread by default: OpenMP spin-waits thrash on a shared CPU
         torch.set_num_threads(config.threads)
@@ -342,6 +345,8 @@ def _run(registry: Registry, config: RunConfig, world: World, out: Path, on_cell
                 if on_cell and world.main:
                     on_cell(spec, done[spec.id])
                 continue
+            if on_start and world.main:
+                on_start(spec)
             record = run_cell(registry, config, spec, denoiser, cache, device,
                               on_batch if world.main else None, world)
             if not world.main:
@@ -683,3 +688,67 @@ def save_replicates(states: dict[str, Any], tally: Tally, n: int) -> Path | None
     npz = io.BytesIO()
     np.savez(npz, **arrays)
     return atomic_write(tally.replicates, npz.getvalue())
+
+
+# --- What the fit stages will cost, before the run ---------------------------------------
+
+
+def fit_notices(registry: Registry, config: RunConfig) -> dict[str, list[str]]:
+    """{cell id: lines} for the cells of the run whose fit stage (a searched schedule's
+    search, a sampler's prepare) is not cached, with its estimated network calls and
+    seconds (from forward passes timed at the fit's batch sizes); {}, and no model loaded,
+    when no method has one."""
+
+    def staged(method: Method) -> bool:
+        sampler = registry.get("samplers", method.sampler.name)
+        sched = registry.get("schedules", (method.schedule or Spec.parse(sampler.default_schedule)).name)
+        return sched.estimate is not None or sampler.estimate is not None
+    if not any(staged(m) for m in config.methods):
+        return {}
+    notices: dict[str, list[str]] = {}
+    for model_spec in config.models:
+        device = resolve_device(config.device)
+        model = load_model(model_spec, device, registry, config.model_options)
+        call_s = functools.cache(functools.partial(_forward_s, model, device))
+        for spec in cell_specs(registry, config, model_spec, device, model.default_schedule):
+            try:
+                lines = _estimates(registry, spec, model, device, call_s)
+            except Exception:  # noqa: S112 -- the cell itself reports what is wrong
+                continue
+            if lines:
+                notices[spec.id] = lines
+    return notices
+
+
+def _forward_s(model: Denoiser, device, batch: int) -> float:
+    return calibrate(model, batch, device, repeats=3)
+
+
+def _estimates(registry, spec: CellSpec, model: Denoiser, device, call_s) -> list[str]:
+    sampler = registry.get("samplers", spec.method.sampler.name)
+    options = resolve_options("sampler", sampler.name, sampler.options, dict(spec.method.sampler.options))
+    plan = plan_cell(sampler, spec.nfe, options)
+    options = {**options, **plan.options}
+    sched_spec = spec.method.schedule or Spec.parse(sampler.default_schedule)
+    schedule = registry.get("schedules", sched_spec.name)
+    sched_options = resolve_options("schedule", schedule.name, schedule.options, dict(sched_spec.options))
+    where, out, sigmas = f"{spec.method.label(sampler.default_schedule)} @ NFE {spec.nfe}", [], None
+    if schedule.fit is not None and plan.sigmas is None:
+        cell = {"model": spec.model, "sampler": sampler.name, "sampler_options": options, "nfe": spec.nfe}
+        args = (plan.steps, model.sigma_min, model.sigma_max)
+        est = schedule.estimate(*args, to_zero=plan.to_zero, denoiser=model, device=device, cell=cell,
+                                call_s=call_s, **sched_options) if schedule.estimate else None
+        if est:
+            out.append(f"{where}: schedule {sched_spec} searches first, about {est['calls']} network calls, "
+                       f"{est['seconds']:.0f} s (not cached)")
+        else:  # found: its sigmas, for the sampler's own estimate
+            sigmas = schedule.fit(*args, to_zero=plan.to_zero, denoiser=model, device=device, cell=cell,
+                                  **sched_options)[0]
+    else:
+        sigmas = make_sigmas(schedule, sched_options, plan, model, device)
+    if sampler.estimate is not None and sigmas is not None:
+        est = sampler.estimate(model, sigmas, options, call_s)
+        if est:
+            out.append(f"{where}: {sampler.name} fits first, about {est['calls']} network calls, "
+                       f"{est['seconds']:.0f} s (not cached)")
+    return out

@@ -16,6 +16,12 @@ DESCRIPTIONS = {
 }
 
 
+# The pairings `bench run --samplers all` runs (their digits fits are committed): each
+# method's own in its paper (iPNDM + GITS, UniPC / DPM-Solver++ + DMN) and LD3 with the
+# solvers it improved most on digits (README, evidence)
+FEATURED = {"gits": ("ipndm", "unipc"), "ld3": ("unipc", "dpm++2m", "ipndm"), "dmn": ("unipc", "dpm++2m")}
+
+
 def learned(name: str) -> Schedule:
     """A searched schedule: options are `solver` (auto: the cell's sampler) and the search's own."""
     options = {"solver": "auto", **asdict(search.OPTION_TYPES[name]())}
@@ -26,6 +32,7 @@ def learned(name: str) -> Schedule:
         options=options,
         fit=partial(search.fit, name),
         estimate=partial(search.estimate, name),
+        featured=FEATURED[name],
     )
 
 

@@ -53,7 +53,8 @@ class DMNOptions:
         if str(self.start).strip() == "search":
             raise UsageError(
                 "dmn start=search is not offered: its data-free bound has no prior-mismatch term "
-                "(it would only fall with the start); give start=sigma_max or a number, or use ld3:start=search"
+                "(it would only fall with the start); give start=sigma_max or a number, "
+                "or use ld3:start=search"
             )
         object.__setattr__(self, "start", canonical_start(self.start, "dmn", ("sigma_max",)))
 

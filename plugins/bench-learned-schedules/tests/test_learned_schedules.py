@@ -13,15 +13,17 @@ import pytest
 import torch
 from bench_learned_schedules import cache as ls_cache
 from bench_learned_schedules import dmn, gits, ld3
+from bench_learned_schedules.catalog import FEATURED
 from bench_learned_schedules.students import SOLVERS, solve
 
 from bench import CellSpec, Infeasible, Method, Spec, build, load_model
-from bench.cell import fit_notices, make_sigmas, plan_cell
+from bench.api import methods_from
+from bench.cell import make_sigmas, plan_cell
 from bench.cli import main
 from bench.contracts import resolve_options
 from bench.errors import UsageError
 from bench.models import mixture
-from bench.runner import RunConfig
+from bench.runner import RunConfig, fit_notices
 from bench.solvers import heun_step
 from bench.testing import check_schedule
 
@@ -208,8 +210,8 @@ def test_committed_digits_schedules_are_found(registry):
     for path in files:
         key = json.loads(path.read_text())["key"]
         assert key["fingerprint"] == ls_cache.fingerprint(digits), path.name
-    cells = [*itertools.product(["gits", "dmn"], ["ipndm", "dpm++2m", "unipc"], [5, 10, 20])]
-    cells += [*itertools.product(["ld3", "ld3:start=search"], ["dpm++2m", "unipc"], [5, 10])]
+    cells = [*itertools.product(["gits", "dmn", "ld3", "ld3:start=search"], ["ipndm", "dpm++2m", "unipc"],
+                                [5, 10, 20])]
     for name, sampler, nfe in cells:
         spec = CellSpec("digits", Method(Spec.parse(sampler), Spec.parse(name)), nfe)
         solve = build(registry, spec, digits)
@@ -218,6 +220,16 @@ def test_committed_digits_schedules_are_found(registry):
         assert len(solve.sigmas) == nfe + 1
         top = float(solve.sigmas[0])
         assert top == pytest.approx(80.0) if "start" not in name else 0.5 < top <= 80.0
+
+
+def test_samplers_all_runs_the_featured_pairings(registry):
+    """`--samplers all` on the default schedule adds each schedule's featured pairings (all
+    committed for digits above); an explicit --schedule runs only what it names."""
+    pairs = {(m.sampler.name, m.schedule.name if m.schedule else None)
+             for m in methods_from(registry, "all", "default", "none")}
+    featured = {(s, name) for name, sampled in FEATURED.items() for s in sampled}
+    assert featured <= pairs and ("unipc", None) in pairs
+    assert all(m.schedule == Spec("karras") for m in methods_from(registry, "all", "karras", "none"))
 
 
 # --- Estimates, errors ----------------------------------------------------------------------
@@ -229,10 +241,10 @@ def test_estimate_names_the_calls_the_search_makes(registry, mix, tmp_path):
     config = RunConfig(
         models=["mixture"], methods=[method], nfe=[4], num_samples=8, batch_size=8, out=tmp_path / "run"
     )
-    (line,) = fit_notices(registry, config)
+    ((_, (line,)),) = fit_notices(registry, config).items()
     solve = build(registry, CellSpec("mixture", method, 4), mix)
     assert f"about {solve.prep['schedule_fit_nfe']} network calls" in line
-    assert fit_notices(registry, config) == []
+    assert fit_notices(registry, config) == {}
 
 
 def test_a_searched_schedule_needs_its_cell(registry, mix):
@@ -315,8 +327,10 @@ def test_start_is_in_the_cache_key(registry, mix):
     for start in ("sigma_max", "search", "20", "20.0"):
         for method in ("ld3", "dmn") if start != "search" else ("ld3",):
             spec = spec_of(method, {**TINY[method], "start": start})
-            record = build(registry, CellSpec("mixture", Method(Spec.parse("dpm++2m"), spec), 4), mix).record()
-            names.add((method, start if start[0].isalpha() else float(start), record["schedule_fitted"]["file"]))
+            cell = CellSpec("mixture", Method(Spec.parse("dpm++2m"), spec), 4)
+            record = build(registry, cell, mix).record()
+            value = start if start[0].isalpha() else float(start)
+            names.add((method, value, record["schedule_fitted"]["file"]))
             if start.startswith("20"):
                 assert record["sigmas"][0] == pytest.approx(20.0)
     assert len({n for _, _, n in names}) == len({(m, s) for m, s, _ in names}) == 5
