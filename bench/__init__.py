@@ -39,7 +39,8 @@ _EXPORTS = {
     **dict.fromkeys(("CellSpec", "Method", "Solve", "Spec", "build", "load_model"), "cell"),
     **dict.fromkeys(("deferred", "registry"), "plugins"),
     **dict.fromkeys(("DEFAULT_MODEL", "load", "parse_nfe", "run"), "api"),
-    **dict.fromkeys(("Run", "atomic_write", "writable_dir", "writable_file"), "store"),
+    **dict.fromkeys(("Run", "atomic_write", "cache_dir", "fingerprint", "writable_dir", "writable_file"),
+                    "store"),
     "CountingDenoiser": "nfe",
     "SampleNoise": "seeding",
 }

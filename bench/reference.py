@@ -49,6 +49,8 @@ from torch import Tensor
 from .contracts import Batch, Denoiser, Metric, MetricContext, Value
 from .errors import UsageError
 from .stats import Bootstrapped, bootstrap_b, counts
+from .store import cache_dir as store_cache_dir
+from .store import fingerprint
 
 FORMAT = 1
 DEFAULT_STEPS = 128  # Heun steps of the reference solve (2 calls each)
@@ -60,23 +62,11 @@ TINY = 1e-12  # RMSE floor in the PSNR, so a sample equal to its reference is fi
 
 def cache_dir() -> Path:
     """$BENCH_CACHE/reference, or ~/.cache/sampler-bench/reference."""
-    from .sources.download import cache_dir as root
-
-    return root() / "reference"
+    return store_cache_dir("reference")
 
 
 def digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """sha1 of the model's describe() and of every weight and buffer, bit for bit."""
-    h = hashlib.sha1(json.dumps(model.describe(), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def network_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -333,3 +333,35 @@ def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in records:
         by_id[r["cell_id"]] = r  # a dict keeps a key's first position
     return list(by_id.values())
+
+
+# --- Caches: what is fitted, searched or solved for a model ---------------------------------
+
+
+def cache_dir(name: str) -> Path:
+    """$BENCH_CACHE/<name>, else ~/.cache/sampler-bench/<name>: where the harness and plugins
+    keep what they fitted, searched or solved for a model (AMED's predictors, searched
+    schedules, reference solves)."""
+    from .sources.download import cache_dir as root
+
+    return root() / name
+
+
+def fingerprint(model: Any) -> str:
+    """sha1 of a model's describe() and of every weight and buffer, bit for bit: the key of
+    anything fitted to it. The harness's NFE counter around it is looked through; any other
+    wrapper (a modifier, guidance) is part of what is fingerprinted."""
+    import hashlib
+
+    import torch
+
+    from .nfe import CountingDenoiser
+
+    while isinstance(model, CountingDenoiser):
+        model = model.inner
+    h = hashlib.sha1(json.dumps(model.describe(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

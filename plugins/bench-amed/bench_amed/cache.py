@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bench import CountingDenoiser
+import bench
 
 from . import __version__
 from .predictor import AMEDPredictor, PredictorConfig, weights_are_finite
@@ -33,8 +33,7 @@ META = "bench_amed"  # the safetensors metadata name
 
 def cache_dir() -> Path:
     """$BENCH_CACHE/amed, or ~/.cache/sampler-bench/amed."""
-    root = os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "sampler-bench"
-    return Path(root) / "amed"
+    return bench.cache_dir("amed")
 
 
 def digest(obj: Any) -> str:
@@ -42,16 +41,9 @@ def digest(obj: Any) -> str:
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """sha1 of the model's description and of every weight and buffer, bit for bit (of the
-    model itself: the harness's NFE counter around it changes nothing)."""
-    while isinstance(model, CountingDenoiser):
-        model = model.inner
-    h = hashlib.sha1(json.dumps(model.describe(), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """The model's fingerprint (`bench.fingerprint`: its describe() and every weight, bit for
+    bit, through the harness's NFE counter)."""
+    return bench.fingerprint(model)
 
 
 def cache_key(

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench import DenoiserWrapper
+import bench
 
 from . import __version__
 
@@ -31,8 +31,7 @@ PACKAGED = Path(__file__).parent / "fitted"
 
 def cache_dir() -> Path:
     """$BENCH_CACHE/learned-schedules, or ~/.cache/sampler-bench/learned-schedules."""
-    root = os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "sampler-bench"
-    return Path(root) / "learned-schedules"
+    return bench.cache_dir("learned-schedules")
 
 
 def digest(obj: Any) -> str:
@@ -40,16 +39,9 @@ def digest(obj: Any) -> str:
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """sha1 of the model's description and of every weight and buffer, bit for bit (of the
-    model under the harness's wrappers: the NFE counter changes nothing)."""
-    while isinstance(model, DenoiserWrapper):
-        model = model.inner
-    h = hashlib.sha1(json.dumps(model.describe(), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """The model's fingerprint (`bench.fingerprint`: its describe() and every weight, bit for
+    bit, through the harness's NFE counter)."""
+    return bench.fingerprint(model)
 
 
 def cache_key(
