@@ -128,7 +128,7 @@ class CellSpec:
     dtype: str = "fp32"
     channels_last: bool = False
     compile: bool = False
-    prompts: str = ""  # the digest of the run's --prompts file (bench.prompts), if one was given
+    prompts: str = ""  # the digest of the run's --prompts file (bench.conditioning), if one was given
 
     # What cells are matched by across runs, and what else must agree for a comparison
     KEY = ("model", "sampler", "schedule", "modifiers", "nfe")

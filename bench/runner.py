@@ -138,7 +138,7 @@ class RunConfig:
     shard: tuple[int, int] = (0, 1)  # (i, n): this job runs the cells whose grid index is i mod n
     cell_timeout: float = DEFAULT_TIMEOUT_S  # seconds a cell may run (0: no limit); not identity
     save_samples: bool = False  # each cell's samples as uint8 images in samples/<cell_id>.npz; not identity
-    prompts: str = ""  # the digest of the --prompts file (bench.prompts); identity if set
+    prompts: str = ""  # the digest of the --prompts file (bench.conditioning); identity if set
 
     def identity(self) -> dict[str, Any]:
         return {

@@ -9,8 +9,8 @@ Hugging Face cache or fetched, in two families:
   Scheduler; bench.adapters.Flow on t x 1000). The latent is (C, H/f, W/f) for the VAE's
   factor f at `resolution=`; `decode` runs the VAE and returns images in [-1, 1]; every
   prompt of the run's set is encoded once at load and `select` gives sample i prompt
-  i mod n (bench.prompts). `conditioning` exposes the batch's and the unconditional
-  embeddings for the `cfg` modifier (bench.guidance).
+  i mod n (bench.conditioning). `conditioning` exposes the batch's and the unconditional
+  embeddings for the `cfg` modifier (bench.conditioning).
 """
 
 from __future__ import annotations
