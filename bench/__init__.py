@@ -36,7 +36,7 @@ _EXPORTS = {
          "UsageError"),
         "errors",
     ),
-    **dict.fromkeys(("CellSpec", "Method", "Solve", "Spec", "build", "load_model"), "cell"),
+    **dict.fromkeys(("CellSpec", "Method", "Solve", "Spec", "build", "digest", "load_model"), "cell"),
     **dict.fromkeys(("deferred", "registry"), "plugins"),
     **dict.fromkeys(("DEFAULT_MODEL", "load", "parse_nfe", "run"), "api"),
     **dict.fromkeys(("Run", "atomic_write", "cache_dir", "fingerprint", "writable_dir", "writable_file"),

@@ -102,6 +102,7 @@ SPEED_DEFAULTS = {"dtype": "fp32", "channels_last": False, "compile": False}
 
 
 def digest(obj: Any) -> str:
+    """sha1 of an object's sorted JSON: the name of a cell, a cache entry, a key."""
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 

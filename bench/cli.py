@@ -43,7 +43,7 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
 
     from .cell import resolve_device
     from .distributed import World
-    from .runner import cell_specs, fit_notices, run, validate
+    from .runner import cell_specs, run, validate
     from .store import Run
 
     options = {k: getattr(args, k) for k in DEFAULTS}
@@ -54,9 +54,6 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
     validate(registry, config)  # every name exists before the grid is counted
     grid = sum(len(cell_specs(registry, config, m, resolve_device(config.device))) for m in config.models)
     n_cells = len(range(shard, grid, n_shards))  # after duplicates, with repeats
-    notices = fit_notices(registry, config) if world.main and not args.quiet else {}
-    for line in (line for lines in notices.values() for line in lines):
-        _c.err.print(line)  # what each fit stage not yet cached will cost, before it starts
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -76,16 +73,20 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
                     f"[red]failed[/red] {record['method']} @ NFE {cell.nfe}: {record['reason']}"
                 )
 
-        def on_start(cell):
+        def on_notice(notices):
+            for line in (line for lines in notices.values() for line in lines):
+                progress.console.print(line)  # what each fit stage not yet cached will cost
+
+        def on_start(cell, fit):
             # The cell now running; a fit stage first says so, with its estimate
-            fit = notices.get(cell.id)
             progress.update(batches, completed=0, total=None,
                             description=fit[0].replace(" (not cached)", "") if fit else "batches")
 
         def on_batch(cell_id, done, total):
             progress.update(batches, completed=done, total=total, description="batches")
 
-        run_dir, new = run(registry, config, on_cell=on_cell, on_batch=on_batch, on_start=on_start)
+        run_dir, new = run(registry, config, on_cell=on_cell, on_batch=on_batch, on_start=on_start,
+                           on_notice=None if args.quiet else on_notice)
     if not world.main:
         return 0
     code = render(registry, Run.open(run_dir), reporters)
@@ -298,7 +299,8 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
                    help="text models: one prompt per line, sample i takes prompt i mod n "
                         "(default: the packaged set, bench/assets/prompts.txt)")
     p.add_argument("--cell-timeout", default=DEFAULTS["cell_timeout"], metavar="SECONDS",
-                   help="a cell running longer fails and the run goes on; 0: no limit (default 1800)")
+                   help="a cell running longer fails and the run goes on; 0: no limit "
+                        f"(default {DEFAULTS['cell_timeout']:g})")
     p.add_argument("--metric-option", action=_Joined, default=DEFAULTS["metric_option"], metavar="KEY=VALUE",
                    help="a metric's option, e.g. clip=DIR or reference_steps=256 (repeatable; "
                         "`bench list metrics` shows each metric's)")

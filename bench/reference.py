@@ -33,7 +33,6 @@ budget pays for it; its seconds are the cell's `metric_info.reference.reference_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cell import digest
 from .contracts import Batch, Denoiser, Metric, MetricContext, Value
 from .errors import UsageError
 from .stats import Bootstrapped, bootstrap_b, counts
@@ -63,10 +63,6 @@ TINY = 1e-12  # RMSE floor in the PSNR, so a sample equal to its reference is fi
 def cache_dir() -> Path:
     """$BENCH_CACHE/reference, or ~/.cache/sampler-bench/reference."""
     return store_cache_dir("reference")
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def network_dtype(model: torch.nn.Module) -> torch.dtype:

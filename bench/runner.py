@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .api import DEFAULTS
 from .cell import (
     SPEED_DEFAULTS,
     CellSpec,
@@ -81,7 +82,7 @@ REPLICATES = "replicates"  # run subdirectory of each cell's paired bootstrap re
 # huge torch op) is interrupted only when it returns to Python. Where signals cannot be
 # used (another thread, Windows) the limit is not enforced, and `time_limit_enforced()` says so.
 
-DEFAULT_TIMEOUT_S = 1800.0  # the default --cell-timeout: half an hour per cell
+DEFAULT_TIMEOUT_S = DEFAULTS["cell_timeout"]  # the default --cell-timeout: half an hour per cell
 
 
 class CellTimeout(Exception):
@@ -275,7 +276,8 @@ def run(
     config: RunConfig,
     on_cell: Callable[[CellSpec, dict[str, Any] | None], None] | None = None,
     on_batch: Progress | None = None,
-    on_start: Callable[[CellSpec], None] | None = None,
+    on_start: Callable[[CellSpec, list[str] | None], None] | None = None,
+    on_notice: Callable[[dict[str, list[str]]], None] | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Run every cell not already finished in the run directory; return (dir, new records).
 
@@ -287,10 +289,10 @@ def run(
     world = World.from_env()
     out = config.run_dir()
     if not world.main:
-        return _run(registry, config, world, out, on_cell, on_batch, on_start)
+        return _run(registry, config, world, out, on_cell, on_batch, on_start, on_notice)
     with run_lock(writable_dir(out)):  # one writer per run directory
         try:
-            return _run(registry, config, world, out, on_cell, on_batch, on_start)
+            return _run(registry, config, world, out, on_cell, on_batch, on_start, on_notice)
         except BenchError:  # refused before any cell stored: no config.json claims the directory
             if not (out / RESULTS).exists():
                 (out / CONFIG).unlink(missing_ok=True)
@@ -298,7 +300,7 @@ def run(
 
 
 def _run(registry: Registry, config: RunConfig, world: World, out: Path, on_cell, on_batch,
-         on_start=None) -> tuple[Path, list[dict[str, Any]]]:
+         on_start=None, on_notice=None) -> tuple[Path, list[dict[str, Any]]]:
     device = resolve_device(world.device(config.device))
     if device.type == "cpu":  # one thread by default: OpenMP spin-waits thrash on a shared CPU
         torch.set_num_threads(config.threads)
@@ -340,13 +342,17 @@ def _run(registry: Registry, config: RunConfig, world: World, out: Path, on_cell
         check_applies(registry, metric_set(registry, config.metrics, model_spec)[0], model_spec, plain,
                       {"num_samples": config.num_samples, "seed": config.seed, "device": device,
                        "cache": cache, "options": config.metric_options})
+        # Before the model's first cell: what its uncached fit stages will cost, said once
+        notices = fit_notices(registry, todo, denoiser, device) if on_notice and world.main else {}
+        if notices:
+            on_notice(notices)
         for index, spec in ours:
             if spec.id in finished:
                 if on_cell and world.main:
                     on_cell(spec, done[spec.id])
                 continue
             if on_start and world.main:
-                on_start(spec)
+                on_start(spec, notices.get(spec.id))
             record = run_cell(registry, config, spec, denoiser, cache, device,
                               on_batch if world.main else None, world)
             if not world.main:
@@ -693,30 +699,26 @@ def save_replicates(states: dict[str, Any], tally: Tally, n: int) -> Path | None
 # --- What the fit stages will cost, before the run ---------------------------------------
 
 
-def fit_notices(registry: Registry, config: RunConfig) -> dict[str, list[str]]:
-    """{cell id: lines} for the cells of the run whose fit stage (a searched schedule's
-    search, a sampler's prepare) is not cached, with its estimated network calls and
-    seconds (from forward passes timed at the fit's batch sizes); {}, and no model loaded,
-    when no method has one."""
+def fit_notices(registry: Registry, specs: list[CellSpec], model: Denoiser, device) -> dict[str, list[str]]:
+    """{cell id: lines} for the cells whose fit stage (a searched schedule's search, a
+    sampler's prepare) is not cached, with its estimated network calls and seconds (from
+    forward passes of `model` timed at the fit's batch sizes); {} without timing anything
+    when no cell has one."""
 
-    def staged(method: Method) -> bool:
-        sampler = registry.get("samplers", method.sampler.name)
-        sched = registry.get("schedules", (method.schedule or Spec.parse(sampler.default_schedule)).name)
+    def staged(spec: CellSpec) -> bool:
+        sampler = registry.get("samplers", spec.method.sampler.name)
+        sched = registry.get("schedules", (spec.method.schedule or Spec.parse(sampler.default_schedule)).name)
         return sched.estimate is not None or sampler.estimate is not None
-    if not any(staged(m) for m in config.methods):
-        return {}
+
+    call_s = functools.cache(functools.partial(_forward_s, model, device))
     notices: dict[str, list[str]] = {}
-    for model_spec in config.models:
-        device = resolve_device(config.device)
-        model = load_model(model_spec, device, registry, config.model_options)
-        call_s = functools.cache(functools.partial(_forward_s, model, device))
-        for spec in cell_specs(registry, config, model_spec, device, model.default_schedule):
-            try:
-                lines = _estimates(registry, spec, model, device, call_s)
-            except Exception:  # noqa: S112 -- the cell itself reports what is wrong
-                continue
-            if lines:
-                notices[spec.id] = lines
+    for spec in filter(staged, specs):
+        try:
+            lines = _estimates(registry, spec, model, device, call_s)
+        except Exception:  # noqa: S112 -- the cell itself reports what is wrong
+            continue
+        if lines:
+            notices[spec.id] = lines
     return notices
 
 

@@ -25,6 +25,7 @@ from bench.store import RESULTS, Run, read_records
 RANK_CASES = """
 import os
 from bench import Plan, Sampler, hookimpl
+from bench.solvers import euler_step
 
 
 def plan(nfe, options):
@@ -34,7 +35,7 @@ def plan(nfe, options):
 def euler(model, x, sigmas, **_):
     s = [float(v) for v in sigmas]
     for i in range(len(s) - 1):
-        x = x + (s[i + 1] - s[i]) * (x - model(x, s[i])) / s[i]
+        x = euler_step(model, x, s[i], s[i + 1])
     return x
 
 

@@ -29,6 +29,7 @@ import time
 import torch
 
 from bench import Plan, PluginError, Sampler, Schedule, UsageError, hookimpl
+from bench.solvers import euler_step
 
 calls = {"n": 0}
 
@@ -40,7 +41,7 @@ def plan(nfe, options):
 def euler(model, x, sigmas, **_):
     s = [float(v) for v in sigmas]
     for i in range(len(s) - 1):
-        x = x + (s[i + 1] - s[i]) * (x - model(x, s[i])) / s[i]
+        x = euler_step(model, x, s[i], s[i + 1])
     return x
 
 

@@ -11,13 +11,11 @@ the package (`bench_amed/fitted`) are looked up first, then the user cache
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -36,16 +34,6 @@ def cache_dir() -> Path:
     return bench.cache_dir("amed")
 
 
-def digest(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """The model's fingerprint (`bench.fingerprint`: its describe() and every weight, bit for
-    bit, through the harness's NFE counter)."""
-    return bench.fingerprint(model)
-
-
 def cache_key(
     model, sigmas, sampler: str, *, afs: bool, base_options: dict, fit_options: dict, predictor: dict
 ) -> dict[str, Any]:
@@ -55,7 +43,7 @@ def cache_key(
         "plugin": f"bench-amed=={__version__}",
         "sampler": sampler,
         "model": getattr(model, "spec", "") or "",
-        "fingerprint": fingerprint(model),
+        "fingerprint": bench.fingerprint(model),
         "sigmas": [float(s) for s in sigmas.float().cpu()],
         "nfe": 2 * (len(sigmas) - 1) - int(afs),
         "afs": afs,
@@ -66,7 +54,7 @@ def cache_key(
 
 
 def entry_name(key: dict[str, Any]) -> str:
-    return f"{key['sampler']}-nfe{key['nfe']}-{digest(key)[:16]}.safetensors"
+    return f"{key['sampler']}-nfe{key['nfe']}-{bench.digest(key)[:16]}.safetensors"
 
 
 def save(path: Path, predictor: AMEDPredictor, key: dict[str, Any], stats: dict[str, Any]) -> Path:

@@ -12,14 +12,11 @@ are looked up first, then the user cache ($BENCH_CACHE/learned-schedules, defaul
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any
-
-import torch
 
 import bench
 
@@ -34,16 +31,6 @@ def cache_dir() -> Path:
     return bench.cache_dir("learned-schedules")
 
 
-def digest(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """The model's fingerprint (`bench.fingerprint`: its describe() and every weight, bit for
-    bit, through the harness's NFE counter)."""
-    return bench.fingerprint(model)
-
-
 def cache_key(
     method: str, model, n: int, to_zero: bool, solver: str, solver_options: dict, search: dict
 ) -> dict[str, Any]:
@@ -53,7 +40,7 @@ def cache_key(
         "plugin": f"bench-learned-schedules=={__version__}",
         "method": method,
         "model": getattr(model, "spec", "") or "",
-        "fingerprint": fingerprint(model),
+        "fingerprint": bench.fingerprint(model),
         "sigma_range": [float(model.sigma_min), float(model.sigma_max)],
         "steps": n,
         "to_zero": bool(to_zero),
@@ -64,7 +51,7 @@ def cache_key(
 
 
 def entry_name(key: dict[str, Any]) -> str:
-    return f"{key['method']}-{key['solver']}-steps{key['steps']}-{digest(key)[:16]}.json"
+    return f"{key['method']}-{key['solver']}-steps{key['steps']}-{bench.digest(key)[:16]}.json"
 
 
 def save(path: Path, sigmas: list[float], key: dict[str, Any], stats: dict[str, Any]) -> Path:

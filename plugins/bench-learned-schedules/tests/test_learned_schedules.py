@@ -16,6 +16,7 @@ from bench_learned_schedules import dmn, gits, ld3
 from bench_learned_schedules.catalog import FEATURED
 from bench_learned_schedules.students import SOLVERS, solve
 
+import bench
 from bench import CellSpec, Infeasible, Method, Spec, build, load_model
 from bench.api import methods_from
 from bench.cell import make_sigmas, plan_cell
@@ -23,7 +24,7 @@ from bench.cli import main
 from bench.contracts import resolve_options
 from bench.errors import UsageError
 from bench.models import mixture
-from bench.runner import RunConfig, fit_notices
+from bench.runner import RunConfig, run
 from bench.solvers import heun_step
 from bench.testing import check_schedule
 
@@ -209,7 +210,7 @@ def test_committed_digits_schedules_are_found(registry):
     assert files, "no committed schedules"
     for path in files:
         key = json.loads(path.read_text())["key"]
-        assert key["fingerprint"] == ls_cache.fingerprint(digits), path.name
+        assert key["fingerprint"] == bench.fingerprint(digits), path.name
     cells = [*itertools.product(["gits", "dmn", "ld3", "ld3:start=search"], ["ipndm", "dpm++2m", "unipc"],
                                 [5, 10, 20])]
     for name, sampler, nfe in cells:
@@ -236,15 +237,21 @@ def test_samplers_all_runs_the_featured_pairings(registry):
 
 
 def test_estimate_names_the_calls_the_search_makes(registry, mix, tmp_path):
-    """The printed estimate's calls are the calls the search then makes; none once cached."""
+    """The estimate a run says before the cell is the calls its search then makes; none once
+    cached (a second run into another directory finds the search done)."""
     method = Method(Spec.parse("ipndm"), spec_of("ld3", TINY["ld3"]))
-    config = RunConfig(
-        models=["mixture"], methods=[method], nfe=[4], num_samples=8, batch_size=8, out=tmp_path / "run"
-    )
-    ((_, (line,)),) = fit_notices(registry, config).items()
-    solve = build(registry, CellSpec("mixture", method, 4), mix)
-    assert f"about {solve.prep['schedule_fit_nfe']} network calls" in line
-    assert fit_notices(registry, config) == {}
+    said = []
+
+    def config(out):
+        return RunConfig(models=["mixture"], methods=[method], nfe=[4], num_samples=8, batch_size=8, out=out)
+
+    _, (record,) = run(registry, config(tmp_path / "a"), on_notice=said.append)
+    ((cell_id, (line,)),) = said[0].items()
+    assert cell_id == record["cell_id"] and record["schedule_fit_nfe"] > 0
+    assert f"about {record['schedule_fit_nfe']} network calls" in line
+    said.clear()
+    _, (again,) = run(registry, config(tmp_path / "b"), on_notice=said.append)
+    assert said == [] and again["schedule_fit_nfe"] == 0
 
 
 def test_a_searched_schedule_needs_its_cell(registry, mix):

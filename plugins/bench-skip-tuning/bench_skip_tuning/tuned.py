@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ KEY = ("model", "fingerprint", "sampler", "schedule", "nfe")
 
 def cache_dir() -> Path:
     """$BENCH_CACHE/skip-tuning, or ~/.cache/sampler-bench/skip-tuning."""
-    root = os.environ.get("BENCH_CACHE") or Path.home() / ".cache" / "sampler-bench"
-    return Path(root) / "skip-tuning"
+    return bench.cache_dir("skip-tuning")
 
 
 def file_name(model: str) -> str:
