@@ -48,11 +48,12 @@ from torch import Tensor
 from .cell import digest
 from .contracts import Batch, Denoiser, Metric, MetricContext, Value
 from .errors import UsageError
+from .solvers import heun_step
 from .stats import Bootstrapped, bootstrap_b, counts
 from .store import cache_dir as store_cache_dir
 from .store import fingerprint
 
-FORMAT = 1
+FORMAT = 2  # 2: the solve is bench.solvers.heun_step (round-off differs from 1)
 DEFAULT_STEPS = 128  # Heun steps of the reference solve (2 calls each)
 RHO = 7.0  # Karras et al.'s schedule exponent
 CHECK = 8  # samples solved again at 2N steps, once per model, for the reference's own error
@@ -82,13 +83,10 @@ def karras(n: int, sigma_min: float, sigma_max: float, rho: float = RHO) -> list
 @torch.no_grad()
 def heun(denoiser: Denoiser, x: Tensor, sigmas: list[float]) -> Tensor:
     """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1 with S_churn = 0)
-    over positive `sigmas`: 2 calls a step, in x's dtype."""
+    over positive `sigmas` (bench.solvers.heun_step): 2 calls a step, in x's dtype."""
+    model = lambda x_, sigma: denoiser(x_, sigma).to(x_.dtype)  # noqa: E731
     for sigma_cur, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        # Euler step, then the trapezoidal correction at sigma_next
-        d_cur = (x - denoiser(x, sigma_cur).to(x.dtype)) / sigma_cur
-        x_next = x + (sigma_next - sigma_cur) * d_cur
-        d_prime = (x_next - denoiser(x_next, sigma_next).to(x.dtype)) / sigma_next
-        x = x + (sigma_next - sigma_cur) * (0.5 * d_cur + 0.5 * d_prime)
+        x = heun_step(model, x, sigma_cur, sigma_next)
     return x
 
 
