@@ -27,8 +27,7 @@ hookimpl = pluggy.HookimplMarker("bench")
 _EXPORTS = {
     **dict.fromkeys(
         ("Batch", "Denoiser", "DenoiserWrapper", "Metric", "MetricContext", "MetricState", "ModelSource",
-         "Modifier", "NoiseFn", "Plan", "Reporter", "Sampler", "Schedule", "Value", "cast_like",
-         "resolve_options"),
+         "Modifier", "NoiseFn", "Plan", "Reporter", "Sampler", "Schedule", "Value"),
         "contracts",
     ),
     **dict.fromkeys(
@@ -36,11 +35,16 @@ _EXPORTS = {
          "UsageError"),
         "errors",
     ),
-    **dict.fromkeys(("CellSpec", "Method", "Solve", "Spec", "build", "digest", "load_model"), "cell"),
+    **dict.fromkeys(("Spec", "cast_like", "digest", "parse_pairs", "resolve_options"), "options"),
+    **dict.fromkeys(("CellSpec", "Method", "Recipe", "Solve", "build", "load_model", "resolve"), "cell"),
     **dict.fromkeys(("deferred", "registry"), "plugins"),
-    **dict.fromkeys(("DEFAULT_MODEL", "load", "parse_nfe", "run"), "api"),
-    **dict.fromkeys(("Run", "atomic_write", "cache_dir", "fingerprint", "writable_dir", "writable_file"),
-                    "store"),
+    **dict.fromkeys(("DEFAULTS", "DEFAULT_MODEL", "RunConfig", "parse_nfe"), "config"),
+    **dict.fromkeys(("load", "run"), "api"),
+    "Run": "rundir",
+    **dict.fromkeys(("Analysis", "analyse"), "analysis"),
+    "Bootstrapped": "stats",
+    **dict.fromkeys(("atomic_write", "cache_dir", "fingerprint", "writable_dir", "writable_file"), "files"),
+    "Declared": "sources.factory",
     "CountingDenoiser": "nfe",
     "SampleNoise": "seeding",
 }

@@ -12,8 +12,6 @@ and `bench compare` judges from it alone whether two cells can be compared.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -23,36 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .contracts import Denoiser, Plan, Sampler, check_denoiser, resolve_options
+from .config import DEFAULTS, SPEED_DEFAULTS
+from .contracts import Denoiser, Plan, Sampler, Schedule, check_denoiser
 from .errors import BenchError, Infeasible, ModelLoadError, PluginError, UsageError
 from .nfe import CountingDenoiser, synchronize
+from .options import Spec, digest, resolve_options, sorted_spec  # noqa: F401 -- Spec, digest: bench.cell's before
 from .seeding import SampleNoise
-
-# --- Specs: "name:key=value:key=value" --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Spec:
-    """A plugin name with options, written `name:key=value:key=value` on the command line."""
-
-    name: str
-    options: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> Spec:
-        name, *pairs = text.strip().split(":")
-        options = []
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise UsageError(f"option '{pair}' of '{text}' is not key=value")
-            options.append((key.strip(), value.strip()))
-        if not name:
-            raise UsageError(f"'{text}' names nothing; write name or name:key=value")
-        return cls(name.strip(), tuple(options))
-
-    def __str__(self) -> str:
-        return ":".join([self.name, *(f"{k}={v}" for k, v in self.options)])
 
 
 @dataclass(frozen=True)
@@ -78,12 +52,6 @@ def canonical(registry, kind: str, spec: Spec) -> Spec:
     return Spec(item.name, spec.options)
 
 
-def sorted_spec(spec: Spec | None) -> str | None:
-    """The spec with its options in a fixed order: `heun:afs=auto:churn=0` and
-    `heun:churn=0:afs=auto` are one cell."""
-    return None if spec is None else str(Spec(spec.name, tuple(sorted(dict(spec.options).items()))))
-
-
 def canonical_method(registry, method: Method, model_schedule: str | None = None) -> Method:
     """The method with registered names (aliases resolved), checked options and its schedule
     resolved (the model's preferred one, `Denoiser.default_schedule`, else the sampler's
@@ -97,14 +65,6 @@ def canonical_method(registry, method: Method, model_schedule: str | None = None
 
 
 # --- The cell's identity ----------------------------------------------------------------
-
-SPEED_DEFAULTS = {"dtype": "fp32", "channels_last": False, "compile": False}
-
-
-def digest(obj: Any) -> str:
-    """sha1 of an object's sorted JSON: the name of a cell, a cache entry, a key."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
 
 @dataclass(frozen=True)
 class CellSpec:
@@ -121,7 +81,7 @@ class CellSpec:
     model: str
     method: Method
     nfe: int
-    num_samples: int = 256
+    num_samples: int = DEFAULTS["num_samples"]
     seed: int = 0
     metrics: tuple[tuple[str, str], ...] = ()
     metric_options: tuple[tuple[str, str], ...] = ()
@@ -234,16 +194,91 @@ def load_model(spec: str, device: torch.device | str = "cpu", registry=None,
     return denoiser
 
 
-# --- Building a cell ----------------------------------------------------------------------
+# --- The recipe: a cell worked out without sampling -----------------------------------------
+
+
+@dataclass
+class Recipe:
+    """What a cell will do, worked out without sampling (`resolve`): the sampler with its
+    options resolved and its plan for the budget, the schedule with its options, and, given a
+    model, the sigmas; `sigmas` stays None while a searched schedule has yet to search for the
+    cell (`searched`). `build` completes it; the runner's pre-run checks, the fit-cost
+    estimates, `bench search` and the conformance kit read it."""
+
+    spec: CellSpec
+    sampler: Sampler
+    options: dict[str, Any]  # the sampler's options, resolved, with those the plan sets
+    plan: Plan
+    schedule: Schedule
+    schedule_spec: Spec
+    schedule_options: dict[str, Any]
+    sigmas: Tensor | None = None
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def searched(self) -> bool:
+        """Whether a searched schedule finds the sigmas for this very cell (Schedule.fit); a
+        sampler's own time steps take precedence."""
+        return self.schedule.fit is not None and self.plan.sigmas is None
+
+    def label(self) -> str:
+        """The method as tables show it: `heun`, `unipc @ld3`."""
+        return self.spec.method.label(self.sampler.default_schedule)
+
+    def fit_cell(self) -> dict[str, Any]:
+        """What a searched schedule is told of its cell (and keys its cache by)."""
+        return {"model": self.spec.model, "sampler": self.sampler.name, "sampler_options": self.options,
+                "nfe": self.spec.nfe}
+
+    def schedule_args(self, denoiser: Denoiser, device) -> tuple[tuple, dict[str, Any]]:
+        """The schedule's positional and keyword arguments for this cell on `denoiser`."""
+        return ((self.plan.steps, denoiser.sigma_min, denoiser.sigma_max),
+                {"to_zero": self.plan.to_zero, "denoiser": denoiser, "device": device,
+                 **self.schedule_options})
+
+
+def resolve(registry, spec: CellSpec, model: Denoiser | None = None, device=None) -> Recipe:
+    """The cell's recipe: options resolved (a UsageError names a bad one), the budget planned
+    (Infeasible if it cannot be spent exactly), the schedule chosen (the method's, else the
+    model's preferred, else the sampler's default) and, given the model, the sigmas made and
+    checked (a searched schedule's options checked, its sigmas left to `build`). Cheap: no
+    network call, except what a schedule itself asks of the model."""
+    sampler = registry.get("samplers", spec.method.sampler.name)
+    options = resolve_options("sampler", sampler.name, sampler.options, dict(spec.method.sampler.options))
+    plan = plan_cell(sampler, spec.nfe, options)
+    sched_spec = spec.method.schedule or Spec.parse(getattr(model, "default_schedule", None)
+                                                    or sampler.default_schedule)
+    schedule = registry.get("schedules", sched_spec.name)
+    sched_options = resolve_options("schedule", schedule.name, schedule.options, dict(sched_spec.options))
+    recipe = Recipe(spec, sampler, {**options, **plan.options}, plan, schedule, sched_spec, sched_options)
+    if model is None:
+        return recipe
+    device = model_device(model, spec, device)
+    try:
+        recipe.sigmas = make_sigmas(schedule, sched_options, plan, model, device)
+    except Infeasible:
+        if not recipe.searched:
+            raise
+    return recipe
+
+
+def model_device(model: Denoiser, spec: CellSpec, device=None) -> torch.device:
+    """The device a cell runs on: the one given, else its model's, else the spec's."""
+    if device is not None:
+        return torch.device(device)
+    return next((p.device for p in model.parameters()), torch.device(spec.device))
 
 
 def make_sigmas(schedule, options, plan: Plan, denoiser: Denoiser, device) -> Tensor:
     """The schedule's sigmas for a plan (or the sampler's own), checked: plan.steps + 1 of
-    them, decreasing. A searched schedule needs its cell (`fit_schedule`): here its options
-    are checked and it is Infeasible."""
+    them, decreasing. A searched schedule is searched for its cell by `build`: here it is
+    Infeasible."""
     if plan.sigmas is not None:  # the sampler's own time steps
         sigmas, what = plan.sigmas(denoiser, device), "the sampler's own time steps"
-    elif schedule.fit is not None:  # a searched schedule: build searches it for its cell (fit_schedule)
+    elif schedule.fit is not None:  # a searched schedule: `build` searches it for its cell (fit_schedule)
         if schedule.estimate is not None:  # its options checked
             schedule.estimate(plan.steps, denoiser.sigma_min, denoiser.sigma_max, to_zero=plan.to_zero,
                               denoiser=denoiser, device=device, cell=None, **options)
@@ -258,23 +293,46 @@ def make_sigmas(schedule, options, plan: Plan, denoiser: Denoiser, device) -> Te
     return sigmas
 
 
-def fit_schedule(schedule, options, plan: Plan, denoiser: Denoiser, device,
-                 cell: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+def fit_schedule(recipe: Recipe, denoiser: Denoiser, device) -> tuple[Tensor, dict[str, Any]]:
     """A searched schedule's sigmas for the cell (`Schedule.fit`), checked as make_sigmas
     checks them, and the record of its search: its network calls on a counter outside the
     budget and its seconds (schedule_fit_nfe, schedule_fit_s), and what it says it did."""
     counter, found = CountingDenoiser(denoiser), {}
 
     def search(*args: Any, **kwargs: Any) -> Tensor:
-        sigmas, info = schedule.fit(*args, cell=cell, **kwargs)
+        sigmas, info = recipe.schedule.fit(*args, cell=recipe.fit_cell(), **kwargs)
         found.update(info)
         return sigmas
 
     start = time.perf_counter()
-    sigmas = make_sigmas(replace(schedule, sigmas=search, fit=None), options, plan, counter, device)
+    sigmas = make_sigmas(replace(recipe.schedule, sigmas=search, fit=None), recipe.schedule_options,
+                         recipe.plan, counter, device)
     plain = {k: v for k, v in found.items() if isinstance(v, str | int | float | bool)}
     return sigmas, {"schedule_fit_nfe": counter.nfe + counter.extra,
                     "schedule_fit_s": time.perf_counter() - start, "schedule_fitted": plain}
+
+
+def fit_estimates(recipe: Recipe, model: Denoiser, device, call_s) -> list[str]:
+    """One line per fit stage of the cell that is not cached (a searched schedule's search, a
+    sampler's prepare), with its estimated network calls and seconds; `call_s(batch)` is the
+    seconds of one forward pass at that batch size. [] when everything is cached."""
+    where, out, sigmas = f"{recipe.label()} @ NFE {recipe.spec.nfe}", [], recipe.sigmas
+    schedule, sampler = recipe.schedule, recipe.sampler
+    if recipe.searched:
+        args, kwargs = recipe.schedule_args(model, device)
+        est = schedule.estimate(*args, cell=recipe.fit_cell(), call_s=call_s, **kwargs) \
+            if schedule.estimate else None
+        if est:
+            out.append(f"{where}: schedule {recipe.schedule_spec} searches first, about {est['calls']} "
+                       f"network calls, {est['seconds']:.0f} s (not cached)")
+        else:  # found: its sigmas, for the sampler's own estimate
+            sigmas = schedule.fit(*args, cell=recipe.fit_cell(), **kwargs)[0]
+    if sampler.estimate is not None and sigmas is not None:
+        est = sampler.estimate(model, sigmas, recipe.options, call_s)
+        if est:
+            out.append(f"{where}: {sampler.name} fits first, about {est['calls']} network calls, "
+                       f"{est['seconds']:.0f} s (not cached)")
+    return out
 
 
 @dataclass
@@ -409,7 +467,7 @@ def stack(registry, spec: CellSpec, counter: CountingDenoiser, schedule: str) ->
     applied = []
     for mod in spec.method.modifiers:
         model = apply_modifier(registry, spec, mod, model, schedule)
-        applied.append(getattr(model, "applied", None) or str(mod))
+        applied.append(model.applied or str(mod))
     counter.count_shape = tuple(model.shape)
     return model, applied
 
@@ -442,42 +500,31 @@ def target_model(registry, spec: CellSpec, model: Denoiser, cache: dict[Any, Any
 
 def build(registry, spec: CellSpec, model: Denoiser, device: torch.device | str | None = None,
           prepare_kwargs: Mapping[str, Any] | None = None) -> Solve:
-    """The cell ready to sample: options resolved, the budget planned (Infeasible if it
-    cannot be spent exactly), sigmas made (a searched schedule searched for the cell, outside
-    the budget: schedule_fit_nfe, schedule_fit_s), the NFE counter on the model and the modifiers on
-    the counter, then the sampler's `prepare` run on that very stack, outside the budget
-    (its calls and seconds recorded as prepare_nfe, prepare_s). `prepare_kwargs` reach
-    `prepare` as keywords (a plugin's own command, e.g. `bench fit`'s force and out)."""
-    device = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device(spec.device))
-    sampler = registry.get("samplers", spec.method.sampler.name)
-    options = resolve_options("sampler", sampler.name, sampler.options, dict(spec.method.sampler.options))
-    # Plan the budget: the sampler's planner decides steps and options, or says why not
-    plan = plan_cell(sampler, spec.nfe, options)
-    options = {**options, **plan.options}
-    # The sigmas: the schedule's (the sampler's default if none is named), or the sampler's own
-    sched_spec = spec.method.schedule or Spec.parse(getattr(model, "default_schedule", None)
-                                                    or sampler.default_schedule)
-    schedule = registry.get("schedules", sched_spec.name)
-    sched_options = resolve_options("schedule", schedule.name, schedule.options, dict(sched_spec.options))
+    """The cell ready to sample: its recipe (`resolve`: options, plan, sigmas), a searched
+    schedule searched for the cell outside the budget (schedule_fit_nfe, schedule_fit_s), the
+    NFE counter on the model and the modifiers on the counter, then the sampler's `prepare`
+    run on that very stack, outside the budget (its calls and seconds recorded as
+    prepare_nfe, prepare_s). `prepare_kwargs` reach `prepare` as keywords (a plugin's own
+    command, e.g. `bench fit`'s force and out)."""
+    device = model_device(model, spec, device)
+    recipe = resolve(registry, spec, model, device)
     fitted: dict[str, Any] = {}
-    if schedule.fit is not None and plan.sigmas is None:  # searched for this cell, counted apart
-        cell = {"model": spec.model, "sampler": sampler.name, "sampler_options": options, "nfe": spec.nfe}
-        sigmas, fitted = fit_schedule(schedule, sched_options, plan, model, device, cell)
-    else:
-        sigmas = make_sigmas(schedule, sched_options, plan, model, device)
+    if recipe.searched:  # searched for this cell, counted apart
+        recipe.sigmas, fitted = fit_schedule(recipe, model, device)
     # The counter on the model, the modifiers on the counter
     counter = CountingDenoiser(model, budget=spec.nfe)
-    top, applied = stack(registry, spec, counter, str(sched_spec))
-    solve = Solve(spec, sampler, plan, options, "own" if plan.sigmas else str(sched_spec), sigmas,
-                  counter, top, applied)
+    top, applied = stack(registry, spec, counter, str(recipe.schedule_spec))
+    solve = Solve(spec, recipe.sampler, recipe.plan, recipe.options,
+                  "own" if recipe.plan.sigmas else str(recipe.schedule_spec), recipe.sigmas, counter, top,
+                  applied)
     # The sampler's own preparation (e.g. fitting a predictor) on the model it will sample
-    if sampler.prepare is not None:
+    if recipe.sampler.prepare is not None:
         counter.reset()  # a modifier may have probed the model while it was applied
         counter.budget = None
         start = time.perf_counter()
         try:
-            prepared = dict(sampler.prepare(top, sigmas, options, **(prepare_kwargs or {})))
+            prepared = dict(recipe.sampler.prepare(top, recipe.sigmas, recipe.options,
+                                                   **(prepare_kwargs or {})))
         finally:
             counter.budget = spec.nfe
         solve.prepared = prepared

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .api import DEFAULT_MODEL, DEFAULT_REPORTERS, DEFAULTS, config_from, split_specs
+from .config import DEFAULT_MODEL, DEFAULT_REPORTERS, DEFAULTS, comma_list, config_from
 from .errors import BenchError, UsageError
 from .plugins import KINDS, Registry, load_registry
 from .scaffold import add_plugin_command
 
 if TYPE_CHECKING:
-    from .store import Run
+    from .rundir import Run
 
 # `bench run` options a baseline does not store (it stores the rest, for `bench check` to rerun)
 NOT_STORED = ("command", "func", "out", "quiet", "report")
@@ -42,13 +42,14 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .cell import resolve_device
+    from .checks import validate
     from .distributed import World
-    from .runner import cell_specs, run, validate
-    from .store import Run
+    from .rundir import Run
+    from .runner import cell_specs, run
 
     options = {k: getattr(args, k) for k in DEFAULTS}
     config = config_from(registry, command="bench " + shlex.join(sys.argv[1:]), **options)
-    reporters = [registry.get("reporters", name) for name in split_specs(args.report)]
+    reporters = [registry.get("reporters", name) for name in comma_list("--report", args.report)]
     world = World.from_env()  # under torchrun, rank 0 alone shows progress and reports
     shard, n_shards = config.shard
     validate(registry, config)  # every name exists before the grid is counted
@@ -101,7 +102,8 @@ def cmd_merge(registry: Registry, args: argparse.Namespace) -> int:
     from .distributed import merge_runs
 
     merged = merge_runs(args.run_dirs, args.out, command="bench " + shlex.join(sys.argv[1:]))
-    return render(registry, merged, [registry.get("reporters", name) for name in split_specs(args.report)])
+    reporters = [registry.get("reporters", name) for name in comma_list("--report", args.report)]
+    return render(registry, merged, reporters)
 
 
 def render(registry: Registry, result: Run, reporters) -> int:
@@ -121,9 +123,9 @@ def render(registry: Registry, result: Run, reporters) -> int:
 
 
 def cmd_report(registry: Registry, args: argparse.Namespace) -> int:
-    from .store import Run
+    from .rundir import Run
 
-    reporters = [registry.get("reporters", name) for name in split_specs(args.report)]
+    reporters = [registry.get("reporters", name) for name in comma_list("--report", args.report)]
     return render(registry, Run.open(args.run_dir), reporters)
 
 
@@ -192,7 +194,7 @@ def tolerances(args: argparse.Namespace, baseline: dict | None):
 def rerun(registry: Registry, options: dict, out_dir: Path | None, reporters: str) -> Run:
     """`bench run` with stored options into `out_dir` (a fresh temporary one by default)."""
     from .compare import run_argv
-    from .store import Run
+    from .rundir import Run
 
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="bench-"))
     # Stored options never grant trust: only the person's own command line can
@@ -234,7 +236,7 @@ def cmd_check(registry: Registry, args: argparse.Namespace) -> int:
 
 def cmd_baseline(registry: Registry, args: argparse.Namespace) -> int:
     from .compare import baseline_path, write_baseline
-    from .store import writable_file
+    from .files import writable_file
 
     run_args = build_parser(registry).parse_args(["run", *args.run_args])
     options = {k: v if isinstance(v, bool | int | float | str | None) else str(v)

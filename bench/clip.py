@@ -51,7 +51,7 @@ def clip_applies(ctx: MetricContext) -> str | None:
         return f"--metric-option clip={where}: no CLIP checkpoint there (no config.json); put {WHERE} there"
     if importlib.util.find_spec("transformers") is None:
         return "it needs transformers: pip install transformers"
-    if not getattr(ctx.denoiser, "prompts", None):
+    if not ctx.denoiser.prompts:
         return "the model has no prompts (a text-conditioned model lists them as `prompts`)"
     c = image_shape(ctx.denoiser)[0]
     return None if c in (1, 3) else f"CLIP takes grey or RGB images, the model's have {c} channels"
@@ -129,7 +129,7 @@ class ClipScore(Bootstrapped):
         key = ("clip", where, str(ctx.device))
         if key not in ctx.cache:  # one model and one set of text embeddings per run
             clip = Clip(where, ctx.device)
-            prompts = [str(p) for p in getattr(ctx.denoiser, "prompts", None) or []]
+            prompts = [str(p) for p in ctx.denoiser.prompts or []]
             ctx.cache[key] = (clip, clip.text(prompts) if prompts else None)
         self.clip, self.text = ctx.cache[key]
         if self.text is None:

@@ -28,7 +28,10 @@ from typing import Any
 from .cell import CellSpec
 from .cell import differences as spec_differences
 from .errors import UsageError
-from .store import RESULTS, Run, latest, record_problem, warn_skipped, write_json
+from .files import write_json
+from .options import parse_pairs
+from .records import FORMAT, checked, latest
+from .rundir import RESULTS, Run
 
 SPEED = "wall"  # the key under which calibrated wall-clock is compared
 ANY = "*"  # the tolerance of metrics not named
@@ -82,20 +85,20 @@ def tolerances_from_json(data: dict[str, Any] | None) -> dict[str, Tolerance]:
 
 def parse_tolerance(text: str) -> tuple[str, Tolerance]:
     """`fd:rel=0.05:abs=0.01` -> ("fd", Tolerance(0.05, 0.01)); `wall:rel=3` for speed."""
+    how = f"--tolerance '{text}': write METRIC:rel=R[:abs=A], e.g. fd:rel=0.05 or wall:rel=3"
     name, *pairs = text.split(":")
     values: dict[str, float] = {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
+    for key, raw in parse_pairs(pairs, lambda _: how):
         try:
             if key not in ("rel", "abs"):
                 raise ValueError(key)
             values[key] = float(raw)
         except ValueError:
-            raise UsageError(
-                f"--tolerance '{text}': write METRIC:rel=R[:abs=A], e.g. fd:rel=0.05 or wall:rel=3"
-            ) from None
+            raise UsageError(how) from None
+        if not values[key] >= 0:  # NaN and negative tolerances never; inf is "never counts"
+            raise UsageError(f"--tolerance '{text}': {key} must be a number >= 0 (inf: never counts)")
     if not name or not values:
-        raise UsageError(f"--tolerance '{text}': write METRIC:rel=R[:abs=A], e.g. fd:rel=0.05")
+        raise UsageError(how)
     return name, Tolerance(values.get("rel", 0.0), values.get("abs", 0.0))
 
 
@@ -249,19 +252,14 @@ def status_change(base: str | None, head: str | None) -> str:
 def paired_replicates(name: str, b: dict[str, Any], h: dict[str, Any], runs) -> tuple | None:
     """Both runs' bootstrap replicates of metric `name`, when both cells stored them and drew
     the same samples' noise (the same seeds: their spec agrees), else None."""
-    import numpy as np
-
     if runs is None or b.get("spec") != h.get("spec"):
         return None
     out = []
     for record, run in zip((b, h), runs, strict=True):
-        path = run.file(record.get("replicates"))
-        if path is None:
+        reps = run.replicates(record)
+        if reps is None or name not in reps:
             return None
-        with np.load(path) as data:
-            if name not in data.files:
-                return None
-            out.append(data[name])
+        out.append(reps[name])
     return tuple(out) if len(out[0]) == len(out[1]) else None
 
 
@@ -414,17 +412,20 @@ def baseline_path(name: str, directory: str | Path = "baselines") -> Path:
 
 
 def write_baseline(run: Run, path: Path, run_options: dict[str, Any]) -> Path:
-    """A baseline file: the run's options (to rerun it), config, tolerances and records.
+    """A baseline file: the run's options (to rerun it), config, tolerances and records, in
+    the current record format (`format`).
 
     Tolerances already in an existing file are kept, so hand-tuned ones survive updates.
     """
     old = json.loads(path.read_text()) if path.exists() else {}
     # Per-record environment, tracebacks and sample-grid paths stay with the run directory
     records = [
-        {k: v for k, v in r.items() if k not in ("environment", "traceback", "grid")} for r in run.records
+        {**{k: v for k, v in r.items() if k not in ("environment", "traceback", "grid", "format_read")},
+         "format": FORMAT} for r in run.records
     ]
     data = {
         "name": path.stem,
+        "format": FORMAT,
         "run": run_options,
         "config": run.config,
         "tolerances": old.get("tolerances") or {k: t.to_json() for k, t in DEFAULT_TOLERANCES.items()},
@@ -447,19 +448,17 @@ def read_baseline(path: Path) -> dict[str, Any]:
         raise UsageError(
             f"'{path}' is not a baseline file; regenerate it with `bench baseline update {path.stem}`"
         ) from None
+    written = data.get("format", 1)  # a baseline without a format number holds format-1 records
+    if not isinstance(written, int) or isinstance(written, bool) or written > FORMAT:
+        raise UsageError(f"'{path}' is in baseline format {written!r}, newer than this sampler-bench reads "
+                         f"({FORMAT}); upgrade sampler-bench")
     return data
 
 
 def baseline_records(path: Path, records: list[Any]) -> list[dict[str, Any]]:
-    """A baseline's records that are records; each other entry is skipped with a warning."""
-    out = []
-    for i, record in enumerate(records, 1):
-        problem = record_problem(record)
-        if problem:
-            warn_skipped(path, f"record {i}", problem)
-        else:
-            out.append(record)
-    return out
+    """A baseline's records that are records, each in the current format (a baseline written
+    before format numbers holds format-1 records); each other entry is skipped with a warning."""
+    return checked([(f"record {i}", r) for i, r in enumerate(records, 1)], path)
 
 
 def run_argv(options: dict[str, Any]) -> list[str]:

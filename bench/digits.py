@@ -405,7 +405,7 @@ def cmd_train_digits(registry, args) -> int:
         raise UsageError(f"--lr: {args.lr} is not a positive finite learning rate, e.g. 2e-3")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit: {args.limit} digits; give a positive count (or leave it out for all)")
-    from .store import writable_file
+    from .files import writable_file
 
     writable_file(args.out, "--out")  # before the training, not after it
     config = TrainConfig(

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 from .errors import BenchError, UsageError
-from .store import CONFIG, RESULTS, Run, append_record, write_json
+from .rundir import Run
 
 T = TypeVar("T")
 
@@ -208,7 +208,11 @@ SWEEP_KEYS = (
 
 def merge_runs(dirs: list[Path], out: Path, command: str = "") -> Run:
     """Join the run directories of a sweep's shards into `out`: one record per cell, in grid
-    order (the latest record of a cell wins), the first shard's configuration."""
+    order (the latest record of a cell wins), the first shard's configuration, and the files
+    the records name (replicates, sample grids and archives). It writes as `bench run` does:
+    holding `out`'s lock, each record appended whole, the configuration marked `merging`
+    until the last file is in, so an interrupted merge is never read as a run (`bench
+    report` says to rerun it) and rerunning the same merge completes it."""
     if not dirs:
         raise UsageError("bench merge: name the run directories to merge")
     runs = [Run.open(d) for d in dirs]
@@ -221,17 +225,48 @@ def merge_runs(dirs: list[Path], out: Path, command: str = "") -> Run:
                     f"bench merge: {base.dir} and {other.dir} differ in {key} "
                     f"({base.config.get(key)} vs {other.config.get(key)}); merge the shards of one sweep"
                 )
-    records: dict[str, dict[str, Any]] = {}
-    for r in sorted((r for run in runs for r in run.records), key=lambda r: r.get("cell_index", 0)):
-        records[r["cell_id"]] = r
-    # Write a fresh run directory, then read it back like any run
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / RESULTS).exists():
-        raise UsageError(f"bench merge: {out / RESULTS} exists; give a new --out directory")
-    write_json(
-        out / CONFIG,
-        {**base.config, "command": command, "merged_from": [str(d) for d in dirs], "shard": None},
-    )
-    for record in records.values():
-        append_record(out / RESULTS, record)
+    cells: dict[str, tuple[Run, dict[str, Any]]] = {}
+    pairs = [(run, r) for run in runs for r in run.records]
+    for run, r in sorted(pairs, key=lambda pair: pair[1].get("cell_index", 0)):
+        cells[r["cell_id"]] = (run, r)
+    config = {**base.config, "command": command, "merged_from": [str(d) for d in dirs], "shard": None,
+              "model_info": {k: v for run in runs for k, v in run.config.get("model_info", {}).items()}}
+    merged = Run(out)
+    with merged.writing():
+        if merged.results_path.exists() or merged.config_path.exists():
+            stored = merged.config
+            if not stored.get("merging") or stored.get("merged_from") != config["merged_from"]:
+                raise UsageError(f"bench merge: {out} exists and holds another run; give a new --out "
+                                 "directory")
+        merged.write_config({**config, "merging": True})
+        have = {r["cell_id"] for r in merged.records}
+        for run, record in cells.values():
+            if record["cell_id"] not in have:
+                merged.append(_with_files(run, merged, record))
+        merged.write_config(config)
     return Run.open(out)
+
+
+def _with_files(source: Run, target: Run, record: dict[str, Any]) -> dict[str, Any]:
+    """The record, the files it names inside its shard (grid, replicates, samples) brought into
+    the merged run at the same relative paths (hard-linked where the file system allows, else
+    copied; each whole or not at all); a name whose file is missing is dropped."""
+    import shutil
+
+    from .files import temporary_name
+
+    out = dict(record)
+    for key in ("grid", "replicates", "samples"):
+        path = source.file(record.get(key))
+        if path is None:
+            out.pop(key, None)
+            continue
+        dest = target.dir / record[key]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_name(dest)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+    return out

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .store import atomic_write
+from .files import atomic_write
 
 
 def save_grid(x: Tensor, path: Path, *, count: int = 64, nrow: int = 8, min_side: int = 256) -> Path:

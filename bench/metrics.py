@@ -189,7 +189,7 @@ class FrechetToTruth(Bootstrapped):
     """
 
     def __init__(self, ctx: MetricContext) -> None:
-        moments = getattr(ctx.denoiser, "moments", None)
+        moments = ctx.denoiser.moments
         if moments is None:
             raise UsageError(
                 f"metric 'fd' needs a model with known data moments (an analytic model); "
@@ -277,7 +277,7 @@ _IMAGE_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _has_moments(ctx: MetricContext) -> str | None:
-    if getattr(ctx.denoiser, "moments", None) is None:
+    if ctx.denoiser.moments is None:
         return "it needs a model with known data moments (an analytic model: mixture, gaussian)"
     return None
 

@@ -48,10 +48,10 @@ from torch import Tensor
 from .cell import digest
 from .contracts import Batch, Denoiser, Metric, MetricContext, Value
 from .errors import UsageError
+from .files import cache_dir as store_cache_dir
+from .files import fingerprint
 from .solvers import heun_step
 from .stats import Bootstrapped, bootstrap_b, counts
-from .store import cache_dir as store_cache_dir
-from .store import fingerprint
 
 FORMAT = 2  # 2: the solve is bench.solvers.heun_step (round-off differs from 1)
 DEFAULT_STEPS = 128  # Heun steps of the reference solve (2 calls each)
@@ -167,7 +167,7 @@ class References:
     def _write(self, path: Path, ref: Tensor, seeds: Tensor, indices: Tensor) -> None:
         from safetensors.torch import save
 
-        from .store import atomic_write
+        from .files import atomic_write
 
         tensors = {"x0": ref.contiguous(), "seeds": seeds.cpu().long(), "indices": indices.cpu().long()}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +190,7 @@ class References:
         """Once per key: the first CHECK samples at 2N steps against their N-step solves."""
         if self.check() is not None:
             return
-        from .store import atomic_write
+        from .files import atomic_write
 
         k = min(CHECK, len(ref))
         start = time.perf_counter()

@@ -17,7 +17,9 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .store import Run, atomic_write
+from .analysis import LEVEL, at_floor, by_model, floor_of, pool, verdicts  # noqa: F401 -- reports' names in 0.2
+from .files import atomic_write
+from .rundir import Run
 
 
 def fmt(value: float | None, std: float | None = None) -> str:
@@ -48,21 +50,7 @@ def cell_text(record: dict[str, Any], key: str) -> str:
     return "; ".join(map(str, value)) if isinstance(value, list) else fmt(value)
 
 
-def at_floor(record: dict[str, Any], key: str) -> bool:
-    """Whether the cell's value is within two standard errors of real data's at that n."""
-    v, f = record.get("metrics", {}).get(key), (record.get("floor") or {}).get(key)
-    if not v or not f or v.get("std") is None:
-        return False
-    gap = (f["value"] - v["value"]) if v.get("higher_is_better") else (v["value"] - f["value"])
-    return gap <= 2 * v["std"]
-
-
 FLOOR_ROW = "real data (floor)"
-
-
-def floor_of(records: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """Real data's value of metric `key` at the records' sample count, if the run has it."""
-    return next(((r.get("floor") or {}).get(key) for r in records if (r.get("floor") or {}).get(key)), None)
 
 
 # Record fields tabulated after the metrics, with their titles
@@ -86,40 +74,6 @@ def record_keys(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return TIMING_KEYS + shown
 
 
-def by_model(run: Run, pooled: bool = False) -> dict[str, list[dict[str, Any]]]:
-    """The run's records grouped by model, in run order; `pooled` folds the disjoint seed
-    blocks of `--repeats` into one record per method and budget (`pool`)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in run.records:
-        groups.setdefault(r["model"], []).append(r)
-    return {m: pool(rs) for m, rs in groups.items()} if pooled else groups
-
-
-def pool(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per (method, NFE): with several seed blocks (repeats), each metric is the
-    mean over blocks with `std` the standard deviation between blocks, `min` the best block
-    (EDM reports the minimum over its blocks), `repeats` the number of blocks."""
-    import statistics
-
-    cells: dict[tuple, list[dict[str, Any]]] = {}
-    for r in records:
-        cells.setdefault((r["method"], r["nfe"]), []).append(r)
-    out = []
-    for rs in cells.values():
-        ok = [r for r in rs if r.get("status") == "ok"]
-        if len(rs) == 1 or len(ok) != len(rs):
-            out.append(rs[0] if len(ok) == len(rs) else next(r for r in rs if r.get("status") != "ok"))
-            continue
-        merged = {**ok[0], "metrics": {}, "wall_s": statistics.fmean(r.get("wall_s") or 0 for r in ok)}
-        for key, v0 in ok[0].get("metrics", {}).items():
-            values = [r["metrics"][key]["value"] for r in ok if key in r.get("metrics", {})]
-            best = max(values) if v0.get("higher_is_better") else min(values)
-            merged["metrics"][key] = {**v0, "value": statistics.fmean(values), "min": best,
-                                      "std": statistics.stdev(values), "repeats": len(values)}
-        out.append(merged)
-    return out
-
-
 def grid_frame(records: list[dict[str, Any]], text) -> pd.DataFrame:
     """A method x NFE frame whose cells are `text(record)`."""
     budgets = sorted({r["nfe"] for r in records})
@@ -131,11 +85,10 @@ def grid_frame(records: list[dict[str, Any]], text) -> pd.DataFrame:
     return frame
 
 
-def tables(run: Run, entries: list[dict[str, Any]] | None = None) -> list[tuple[str, pd.DataFrame]]:
+def tables(run: Run) -> list[tuple[str, pd.DataFrame]]:
     """(title, method x NFE frame of strings) for each metric, wall-clock and counted NFE."""
     keys = [(m, _metric_title(run, m)) for m in run.metric_names()] + record_keys(run.records)
-    groups = by_model(run, pooled=True)
-    marks = verdict_marks(run, verdicts(run) if entries is None else entries)
+    groups, marks = run.analysis.pooled, run.analysis.marks
     out = []
     for model, records in groups.items():
         prefix = f"{model}: " if len(groups) > 1 else ""
@@ -163,51 +116,6 @@ def problems(run: Run) -> list[str]:
         if r.get("status") != "ok" or r.get("reason"):
             lines.append(f"{r['method']} @ NFE {r['nfe']}: {r.get('status')}: {r.get('reason')}")
     return lines
-
-
-# --- The verdict: the best method per budget and those tied with it -----------------------
-
-LEVEL = 0.95
-
-
-def verdicts(run: Run, level: float = LEVEL) -> list[dict[str, Any]]:
-    """Per model, metric and NFE budget: the best method, the methods not significantly worse
-    at `level` (paired bootstrap intervals of the difference, Holm-corrected; bench.stats),
-    the worse ones, each with its value, interval and wall-clock. Cells are paired when they
-    share their sample count and seeds (one sweep); cells without replicates are left out."""
-    import numpy as np
-
-    from .stats import verdict
-
-    out = []
-    for model, records in by_model(run).items():
-        ok = [r for r in records if r.get("status") == "ok" and r.get("replicates")]
-        reps: dict[str, Any] = {}
-        for r in ok:
-            path = run.file(r["replicates"])
-            if path is not None:
-                with np.load(path) as data:
-                    reps[r["cell_id"]] = {k: data[k] for k in data.files}
-        for metric in dict.fromkeys(m for r in ok for m in r.get("metrics", {})):
-            for nfe in sorted({r["nfe"] for r in ok}):
-                cells = [r for r in ok if r["nfe"] == nfe and metric in reps.get(r["cell_id"], {})]
-                if cells:  # paired within one seed block: the first (with --repeats, block 0)
-                    first = min(r.get("seed") or 0 for r in cells)
-                    cells = [r for r in cells if (r.get("seed") or 0) == first]
-                if len({r.get("num_samples") for r in cells}) > 1 or not cells:
-                    continue
-                by_method = {r["method"]: r for r in cells}
-                v0 = cells[0]["metrics"][metric]
-                result = verdict({m: r["metrics"][metric]["value"] for m, r in by_method.items()},
-                                 {m: reps[r["cell_id"]][metric] for m, r in by_method.items()},
-                                 bool(v0.get("higher_is_better")), level)
-                for m, entry in result["methods"].items():
-                    entry["std"] = by_method[m]["metrics"][metric].get("std")
-                    entry["wall_s"] = by_method[m].get("wall_s")
-                    entry["at_floor"] = at_floor(by_method[m], metric)
-                out.append({"model": model, "metric": metric, "title": v0.get("title") or metric,
-                            "nfe": nfe, "n": v0.get("n"), "floor": floor_of(cells, metric), **result})
-    return out
 
 
 def verdict_frame(entries: list[dict[str, Any]]) -> pd.DataFrame:
@@ -238,29 +146,17 @@ VERDICT_NOTE = (f"Tied: not significantly worse than the best at level {LEVEL} (
                 "In the tables below ★ marks the best value of a budget, ≈ the values tied with it.")
 
 
-def verdict_marks(run: Run, entries: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
-    """(cell id, metric) -> "★ " for each budget's best, "≈ " for the methods tied with it."""
-    marks = {}
-    for e in entries:
-        for r in run.records:
-            if r.get("model") == e["model"] and r.get("nfe") == e["nfe"] and r.get("status") == "ok":
-                status = e["methods"].get(r["method"], {}).get("status")
-                if status in ("best", "tied"):
-                    marks[(r["cell_id"], e["metric"])] = "★ " if status == "best" else "≈ "
-    return marks
-
-
 def render_verdict(run: Run, console: Console) -> Path:
     """verdict.json: every verdict with each method's value, interval and wall-clock."""
     import json
 
+    analysis = run.analysis
     return atomic_write(run.dir / "verdict.json",
-                        json.dumps({"level": LEVEL, "verdicts": verdicts(run)}, indent=2) + "\n")
+                        json.dumps({"level": analysis.level, "verdicts": analysis.verdicts}, indent=2) + "\n")
 
 
 def render_console(run: Run, console: Console) -> None:
-    entries = verdicts(run)  # once per render: the table here and the marks in every table below
-    frame = verdict_frame(entries)
+    frame = verdict_frame(run.analysis.verdicts)
     if len(frame):
         table = Table(title="Verdict", title_justify="left", caption=VERDICT_NOTE, caption_justify="left")
         table.add_column("metric", style="bold")
@@ -269,7 +165,7 @@ def render_console(run: Run, console: Console) -> None:
         for metric, row in frame.iterrows():
             table.add_row(metric, *row)
         console.print(table)
-    for title, frame in tables(run, entries):
+    for title, frame in tables(run):
         table = Table(title=title, title_justify="left")
         table.add_column("method", style="bold")
         for col in frame.columns:
@@ -316,11 +212,10 @@ def render_markdown(run: Run, console: Console) -> Path:
         f"commit {env.get('commit')}.",
         "",
     ]
-    entries = verdicts(run)
-    frame = verdict_frame(entries)
+    frame = verdict_frame(run.analysis.verdicts)
     if len(frame):
         lines += ["## Verdict", "", markdown_table(frame), "", VERDICT_NOTE, ""]
-    for title, frame in tables(run, entries):
+    for title, frame in tables(run):
         lines += [f"## {title}", "", markdown_table(frame), ""]
     issues = problems(run)
     if issues:
@@ -546,11 +441,9 @@ def environment_html(run: Run) -> str:
 
 def render_html(run: Run, console: Console) -> Path:
     """report.html: tables and plots per metric, sample grids, environment; self-contained."""
-    groups = by_model(run, pooled=True)
-    entries = verdicts(run)
-    marks = verdict_marks(run, entries)
+    groups, marks = run.analysis.pooled, run.analysis.marks
     body = [f"<h1>sampler-bench run <code>{escape(run.dir.name)}</code></h1>"]
-    frame = verdict_frame(entries)
+    frame = verdict_frame(run.analysis.verdicts)
     if len(frame):
         body += ["<h2>Verdict</h2>", html_table(frame), f"<p>{escape(VERDICT_NOTE)}</p>"]
     body.append(environment_html(run))

@@ -205,10 +205,18 @@ class Bootstrapped:
         return {k: std_of(v) for k, v in reps.items()}
 
 
+MAX_B = 100_000
+
+
 def bootstrap_b(options: Mapping[str, Any], default: int = DEFAULT_B) -> int:
-    """B for the reported std: the run's metric option `bootstrap` if set, else `default`."""
+    """B for the reported std: the run's metric option `bootstrap` if set (0: no standard
+    errors, else 2 .. MAX_B), else `default`; anything else is a UsageError."""
     value = options.get("bootstrap", default) if options else default
     try:
-        return max(0, int(value))
+        b = int(value)
     except (TypeError, ValueError):
-        raise UsageError(f"metric option 'bootstrap' must be an integer B, got {value!r}") from None
+        b = -1
+    if str(value).strip() not in (str(b), f"{b}.0") or not (b == 0 or 2 <= b <= MAX_B):
+        raise UsageError(f"--metric-option bootstrap={value}: give B, the number of bootstrap replicates, "
+                         f"from 2 to {MAX_B} (0: no standard errors)")
+    return b

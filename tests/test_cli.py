@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from bench.cli import main
-from bench.store import CSV_COLUMNS
+from bench.rundir import CSV_COLUMNS
 
 FAULTY = """
 import torch

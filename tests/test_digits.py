@@ -15,8 +15,9 @@ from bench.digits import FLOW_FIELDS, FLOW_WEIGHTS, WEIGHTS, TrainConfig, UNet, 
 from bench.digits_classifier import digits
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
+from bench.records import read_lines as read_records
+from bench.rundir import RESULTS
 from bench.runner import RunConfig, run
-from bench.store import RESULTS, read_records
 
 
 @pytest.fixture(scope="module")

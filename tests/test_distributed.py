@@ -13,12 +13,13 @@ import sys
 
 import pytest
 
-from bench import Method, Spec, cli
+from bench import Method, Run, Spec, cli
 from bench.distributed import World, merge_runs, parse_shard
 from bench.errors import UsageError
 from bench.plugins import load_registry
+from bench.records import read_lines as read_records
+from bench.rundir import RESULTS
 from bench.runner import RunConfig, run
-from bench.store import RESULTS, Run, read_records
 
 # A plugin whose samplers misbehave on rank 1 only: one raises (its cell fails), one kills
 # its process (the run fails, the finished cells stay)

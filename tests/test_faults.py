@@ -17,9 +17,11 @@ import torch_fidelity  # noqa: F401 -- imported before the timed cells: its firs
 
 # on a busy machine) would count against the first cell's --cell-timeout
 from bench.cli import main
-from bench.runner import CellTimeout, time_limit
-from bench.runner import time_limit_enforced as enforced
-from bench.store import LOCK, RESULTS, read_records
+from bench.records import read_lines as read_records
+from bench.rundir import RESULTS
+from bench.timelimit import CellTimeout, enforced, time_limit
+
+LOCK = ".lock"
 
 # Fault-injection plugins: each sampler breaks the contract one way; f-rising's schedule rises
 FAULTS = """

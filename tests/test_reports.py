@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from bench import Run
 from bench.cli import main
 from bench.reports import pareto_front, render_html, tables
-from bench.store import RESULTS, Run
+from bench.rundir import RESULTS
 
 EXAMPLE = Path(__file__).parent / "data" / "compare" / "base"  # a real run, see its README
 CHROMIUM = Path("/usr/bin/chromium")

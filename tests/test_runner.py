@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 
-from bench import CellSpec, Infeasible, Method, NotApplicable, Spec, build
+from bench import CellSpec, Infeasible, Method, NotApplicable, Run, Spec, build
 from bench.errors import UsageError
 from bench.models import gaussian
 from bench.plugins import load_registry
+from bench.records import read_lines as read_records
+from bench.rundir import RESULTS
 from bench.runner import RunConfig, run
 from bench.seeding import SampleNoise
-from bench.store import RESULTS, Run, read_records
 
 
 @pytest.fixture(scope="module")

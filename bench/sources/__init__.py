@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..contracts import resolve_options
 from ..errors import UsageError
+from ..options import parse_pairs, resolve_options
 
 PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
@@ -28,12 +28,7 @@ PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 def parse_arg(source: str, arg: str | None) -> tuple[str, dict[str, str]]:
     """`target;key=value;...` -> (target, {key: value})."""
     target, *pairs = (arg or "").split(";")
-    given = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"model '{source}:{arg}': option '{pair}' is not key=value")
-        given[key.strip()] = value.strip()
+    given = dict(parse_pairs(pairs, lambda pair: f"model '{source}:{arg}': option '{pair}' is not key=value"))
     if not target.strip():
         raise UsageError(f"model '{source}' needs an argument: write {source}:... (see `bench list models`)")
     return target.strip(), given

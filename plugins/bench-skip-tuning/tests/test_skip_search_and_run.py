@@ -16,10 +16,9 @@ import pytest
 import torch
 from bench_skip_tuning import tuned
 
-from bench import load_model
+from bench import Run, load_model
 from bench.cli import main
 from bench.plugins import load_registry
-from bench.store import Run
 from bench.testing import single_threaded
 
 MODEL = "digits"

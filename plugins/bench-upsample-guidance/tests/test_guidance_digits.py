@@ -20,14 +20,13 @@ import pytest
 import torch
 from bench_upsample_guidance.guidance import apply, pool, upsample, vp_time
 
+from bench import Run, load_model
 from bench import digits_classifier as dc
-from bench import load_model
 from bench.cli import main
 from bench.contracts import resolve_options
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
 from bench.seeding import SampleNoise
-from bench.store import Run
 from bench.testing import single_threaded
 
 MODEL = "digits"
