@@ -47,8 +47,10 @@ def at_floor(record: dict[str, Any], key: str) -> bool:
 
 
 def floor_of(records: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """Real data's value of metric `key` at the records' sample count, if the run has it."""
-    return next(((r.get("floor") or {}).get(key) for r in records if (r.get("floor") or {}).get(key)), None)
+    """Real data's value of metric `key` at the records' sample count (the largest, in a race,
+    where counts differ), if the run has it."""
+    known = [r for r in records if (r.get("floor") or {}).get(key)]
+    return max(known, key=lambda r: r.get("num_samples") or 0)["floor"][key] if known else None
 
 
 def by_model(run, pooled: bool = False) -> dict[str, list[dict[str, Any]]]:
@@ -63,12 +65,16 @@ def by_model(run, pooled: bool = False) -> dict[str, list[dict[str, Any]]]:
 def pool(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per (method, NFE): with several seed blocks (repeats), each metric is the
     mean over blocks with `std` the standard deviation between blocks, `min` the best block
-    (EDM reports the minimum over its blocks), `repeats` the number of blocks."""
+    (EDM reports the minimum over its blocks), `repeats` the number of blocks; a raced
+    method's record is its last round's (the most samples it got)."""
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         cells.setdefault((r["method"], r["nfe"]), []).append(r)
     out = []
     for rs in cells.values():
+        if any(isinstance(r.get("race"), dict) for r in rs):  # a raced method: its last round
+            out += finals(rs)
+            continue
         ok = [r for r in rs if r.get("status") == "ok"]
         if len(rs) == 1 or len(ok) != len(rs):
             out.append(rs[0] if len(ok) == len(rs) else next(r for r in rs if r.get("status") != "ok"))
@@ -87,7 +93,10 @@ def verdicts(run, level: float = LEVEL) -> list[dict[str, Any]]:
     """Per model, metric and NFE budget: the best method, the methods not significantly worse
     at `level` (paired bootstrap intervals of the difference, Holm-corrected; bench.stats),
     the worse ones, each with its value, interval and wall-clock. Cells are paired when they
-    share their sample count and seeds (one sweep); cells without replicates are left out."""
+    share their sample count and seeds (one sweep); cells without replicates are left out.
+    A raced budget (`--race`) is judged at its largest n: the race's own outcome for its
+    metric, the paired verdict of the finalists for the others; the methods that left earlier
+    are listed with the round and n they left at, never compared at another n."""
     from .stats import verdict
 
     out = []
@@ -98,6 +107,9 @@ def verdicts(run, level: float = LEVEL) -> list[dict[str, Any]]:
         for metric in dict.fromkeys(m for r in ok for m in r.get("metrics", {})):
             for nfe in sorted({r["nfe"] for r in ok}):
                 cells = [r for r in ok if r["nfe"] == nfe and metric in reps.get(r["cell_id"], {})]
+                race = race_of(cells)
+                if race:  # the finalists, at the race's largest n
+                    cells = [r for r in finals(cells) if r["num_samples"] == race["n"]]
                 if cells:  # paired within one seed block: the first (with --repeats, block 0)
                     first = min(r.get("seed") or 0 for r in cells)
                     cells = [r for r in cells if (r.get("seed") or 0) == first]
@@ -108,22 +120,83 @@ def verdicts(run, level: float = LEVEL) -> list[dict[str, Any]]:
                 result = verdict({m: r["metrics"][metric]["value"] for m, r in by_method.items()},
                                  {m: reps[r["cell_id"]][metric] for m, r in by_method.items()},
                                  bool(v0.get("higher_is_better")), level)
+                if race and race["metric"] == metric:  # the race's own decision at its last round
+                    result = race_result(result, by_method)
                 for m, entry in result["methods"].items():
                     entry["std"] = by_method[m]["metrics"][metric].get("std")
                     entry["wall_s"] = by_method[m].get("wall_s")
                     entry["at_floor"] = at_floor(by_method[m], metric)
-                out.append({"model": model, "metric": metric, "title": v0.get("title") or metric,
-                            "nfe": nfe, "n": v0.get("n"), "floor": floor_of(cells, metric), **result})
+                    entry["n"] = by_method[m].get("num_samples")
+                entry = {"model": model, "metric": metric, "title": v0.get("title") or metric, "nfe": nfe,
+                         "n": v0.get("n"), "floor": floor_of(cells, metric), **result}
+                out.append(with_left({**entry, "race": race},
+                                     [r for r in ok if r["nfe"] == nfe], metric) if race else entry)
     return out
 
 
+def race_of(cells: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A raced budget's summary from its records: the race metric, planned rounds, the
+    largest n, and each method's last round and n, with the round it left in if it did."""
+    raced = [r for r in cells if isinstance(r.get("race"), dict)]
+    if not raced:
+        return None
+    last = finals(raced)
+    info = {r["method"]: {"round": r["race"].get("round"), "n": r["num_samples"],
+                          "outcome": r["race"].get("outcome")} for r in last}
+    return {"metric": next((r["race"].get("metric") for r in last if r["race"].get("metric")), None),
+            "rounds": max(r["race"].get("rounds") or 0 for r in raced),
+            "level": last[0]["race"].get("level"), "n": max(r["num_samples"] for r in last),
+            "left": {m: i for m, i in info.items() if i["outcome"] == "left"}, "methods": info}
+
+
+def finals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each method's record with the most samples (a raced method's last round)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["method"] not in best or r.get("num_samples", 0) > best[r["method"]].get("num_samples", 0):
+            best[r["method"]] = r
+    return list(best.values())
+
+
+def race_result(result: dict[str, Any], by_method: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The finalists' verdict with best / tied / worse as the race decided them (its outcome in
+    the records of its last round; its level, split over the rounds, is the records')."""
+    outcome = {m: (r.get("race") or {}).get("outcome") for m, r in by_method.items()}
+    best = next((m for m, o in outcome.items() if o == "best"), result["best"])
+    methods = {m: {**e, "status": "best" if m == best else ("worse" if outcome.get(m) == "left" else "tied")}
+               for m, e in result["methods"].items()}
+    return {**result, "best": best, "methods": methods,
+            "tied": [m for m, e in methods.items() if e["status"] == "tied"],
+            "worse": [m for m, e in methods.items() if e["status"] == "worse"]}
+
+
+def with_left(entry: dict[str, Any], records: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """A raced budget's verdict with the methods that left before the last round added as
+    worse, each at its own n with the round it left in (its value is never compared at
+    another n)."""
+    race, methods = entry["race"], dict(entry["methods"])
+    last = {r["method"]: r for r in finals(records)}
+    for m, where in race["left"].items():
+        if m in methods or m not in last or metric not in last[m].get("metrics", {}):
+            continue
+        v = last[m]["metrics"][metric]
+        methods[m] = {"point": v["value"], "std": v.get("std"), "n": where["n"], "status": "worse",
+                      "left_round": where["round"], "wall_s": last[m].get("wall_s"),
+                      "at_floor": at_floor(last[m], metric)}
+    return {**entry, "methods": methods, "worse": [*entry["worse"], *(m for m in methods
+                                                                      if m not in entry["methods"])]}
+
+
 def verdict_marks(run, entries: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
-    """(cell id, metric) -> "★ " for each budget's best, "≈ " for the methods tied with it."""
+    """(cell id, metric) -> "★ " for each budget's best, "≈ " for the methods tied with it (a
+    raced method's mark on its record at the n it was judged at)."""
     marks = {}
     for e in entries:
         for r in run.records:
             if r.get("model") == e["model"] and r.get("nfe") == e["nfe"] and r.get("status") == "ok":
-                status = e["methods"].get(r["method"], {}).get("status")
-                if status in ("best", "tied"):
-                    marks[(r["cell_id"], e["metric"])] = "★ " if status == "best" else "≈ "
+                judged = e["methods"].get(r["method"], {})
+                if judged.get("n") not in (None, r.get("num_samples")):
+                    continue
+                if judged.get("status") in ("best", "tied"):
+                    marks[(r["cell_id"], e["metric"])] = "★ " if judged["status"] == "best" else "≈ "
     return marks

@@ -72,11 +72,13 @@ def check_bounds(config: RunConfig) -> None:
                          "spend (its plan and sigmas are held in memory); give a smaller budget")
     per_sample = 16 * max(bootstrap_b(config.metric_options), 1)
     memory = physical_memory()
-    if memory and config.num_samples * per_sample > memory / 2:
+    n, flag = (config.max_samples, "--max-samples") if config.race and config.max_samples else \
+        (config.num_samples, "--num-samples")
+    if memory and n * per_sample > memory / 2:
         raise UsageError(
-            f"--num-samples: {config.num_samples} samples per cell need about "
-            f"{config.num_samples * per_sample / 2**30:.3g} GiB for the bootstrap alone, past half of this "
-            f"machine's {memory / 2**30:.3g} GiB of memory; give at most {int(memory / 2 // per_sample)}")
+            f"{flag}: {n} samples per cell need about {n * per_sample / 2**30:.3g} GiB for the bootstrap "
+            f"alone, past half of this machine's {memory / 2**30:.3g} GiB of memory; give at most "
+            f"{int(memory / 2 // per_sample)}")
 
 
 def physical_memory() -> int | None:
@@ -154,7 +156,8 @@ def check_time(config: RunConfig, specs: list[CellSpec], calibration_s: float, w
     NFE x rounds of batches) passes --cell-timeout: a lower bound, so they would fail anyway."""
     if not config.cell_timeout:
         return
-    rounds = math.ceil(math.ceil(config.num_samples / config.batch_size) / world_size)
+    n = config.max_samples if config.race and config.max_samples else config.num_samples
+    rounds = math.ceil(math.ceil(n / config.batch_size) / world_size)
     for spec in specs:
         need = calibration_s * spec.nfe * rounds
         if need > config.cell_timeout:

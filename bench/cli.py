@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shlex
 import sys
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import DEFAULT_MODEL, DEFAULT_REPORTERS, DEFAULTS, comma_list, config_from
-from .errors import BenchError, UsageError
+from .errors import BenchError, UsageError, printable
 from .plugins import KINDS, Registry, load_registry
 from .scaffold import add_plugin_command
 
@@ -40,6 +41,7 @@ _c = _Consoles()
 
 def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
     from .cell import resolve_device
     from .checks import validate
@@ -64,19 +66,18 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
         transient=True,
         disable=args.quiet or not world.main,
     ) as progress:
-        cells = progress.add_task("cells", total=n_cells)
+        cells = progress.add_task("cells", total=None if config.race else n_cells)
         batches = progress.add_task("batches", total=None)
 
         def on_cell(cell, record):
             progress.advance(cells)
             if record is not None and record.get("status") == "failed":
-                progress.console.print(
-                    f"[red]failed[/red] {record['method']} @ NFE {cell.nfe}: {record['reason']}"
-                )
+                progress.console.print(Text.assemble(("failed", "red"), printable(
+                    f" {record['method']} @ NFE {cell.nfe}: {record['reason']}")))
 
         def on_notice(notices):
             for line in (line for lines in notices.values() for line in lines):
-                progress.console.print(line)  # what each fit stage not yet cached will cost
+                progress.console.print(Text(printable(line)))  # what each uncached fit stage will cost
 
         def on_start(cell, fit):
             # The cell now running; a fit stage first says so, with its estimate
@@ -93,8 +94,9 @@ def cmd_run(registry: Registry, args: argparse.Namespace) -> int:
     code = render(registry, Run.open(run_dir), reporters)
     unstored = [r for r in new if r.get("stored") is False]
     if unstored:  # cells whose record could not be written (a full disk): a rerun runs them again
-        _c.err.print(f"[red]{len(unstored)} cells could not be stored[/red] ({unstored[0]['reason']}); "
-                     "free space and rerun the same command to resume")
+        _c.err.print(f"[red]{len(unstored)} cells could not be stored[/red] "
+                     f"({escape(printable(unstored[0]['reason']))}); free space and rerun the same "
+                     "command to resume")
     return 1 if unstored else code
 
 
@@ -106,6 +108,40 @@ def cmd_merge(registry: Registry, args: argparse.Namespace) -> int:
     return render(registry, merged, reporters)
 
 
+# What to do about an OSError, by errno; those that are the input's fault exit 2
+OS_ADVICE = {
+    errno.ENAMETOOLONG: (2, "give a shorter path"),
+    errno.EEXIST: (2, "it exists already: give another path or remove it"),
+    errno.EISDIR: (2, "a directory stands where a file belongs: remove or rename it"),
+    errno.ENOTDIR: (2, "a file stands where a directory belongs: give another path"),
+    errno.ENOENT: (2, "check the path"),
+    errno.EACCES: (2, "give a path you can write"),
+    errno.EPERM: (2, "give a path you can write"),
+    errno.EROFS: (2, "the file system is read-only: give a path you can write"),
+    errno.ENOSPC: (1, "free space and rerun the same command (finished cells are kept)"),
+}
+
+
+def os_error(exc: OSError) -> tuple[int, str]:
+    """(exit code, one line) for an OSError: what failed, on which path, and what to do."""
+    code, advice = OS_ADVICE.get(exc.errno, (1, "check the disk and the path, then rerun"))
+    name = str(exc.filename or "")
+    where = f" ({name[:80]}{'...' if len(name) > 80 else ''})" if name else ""
+    return code, f"{exc.strerror or type(exc).__name__}{where}; {advice}"
+
+
+def printable_lines(text: str) -> str:
+    """Each line of a plain-text table made safe for a terminal (bench.errors.printable)."""
+    return "".join(printable(line) + "\n" for line in text.splitlines())
+
+
+def escape(text: str) -> str:
+    """Text inside a rich markup string, shown as written."""
+    from rich.markup import escape as markup_escape
+
+    return markup_escape(text)
+
+
 def render(registry: Registry, result: Run, reporters) -> int:
     """Run every reporter; a failing reporter is reported, the others still run."""
     code = 0
@@ -113,7 +149,8 @@ def render(registry: Registry, result: Run, reporters) -> int:
         try:
             reporter.render(result, _c.out)
         except Exception as exc:  # one broken reporter must not lose the others
-            _c.err.print(f"[red]reporter '{reporter.name}' failed:[/red] {type(exc).__name__}: {exc}")
+            _c.err.print(f"[red]reporter '{reporter.name}' failed:[/red] "
+                         f"{escape(printable(f'{type(exc).__name__}: {exc}'))}")
             code = 1
     failed = [r for r in result.records if r.get("status") == "failed"]
     if failed:
@@ -126,11 +163,14 @@ def cmd_report(registry: Registry, args: argparse.Namespace) -> int:
     from .rundir import Run
 
     reporters = [registry.get("reporters", name) for name in comma_list("--report", args.report)]
-    return render(registry, Run.open(args.run_dir), reporters)
+    run = Run.open(args.run_dir)
+    run.sweep()
+    return render(registry, run, reporters)
 
 
 def cmd_plugins(registry: Registry, args: argparse.Namespace) -> int:
     from rich.table import Table
+    from rich.text import Text
 
     out = _c.out
     if args.json:
@@ -140,37 +180,72 @@ def cmd_plugins(registry: Registry, args: argparse.Namespace) -> int:
     for col in ("distribution", "version", "entry point", "registered"):
         table.add_column(col)
     for p in registry.plugins:
-        what = "; ".join(f"{k}: {', '.join(v)}" for k, v in p.registered.items())
+        what = Text("; ".join(f"{k}: {', '.join(v)}" for k, v in p.registered.items()))
         if p.error:
-            what = f"[red]error: {p.error}[/red]"
-        table.add_row(p.dist, p.version, f"{p.name} = {p.module}", what)
+            what = Text(printable(f"error: {p.error}"), style="red")
+        table.add_row(Text(printable(p.dist)), Text(printable(p.version)),
+                      Text(printable(f"{p.name} = {p.module}")), what)
     out.print(table)
     return 0
 
 
 def cmd_list(registry: Registry, args: argparse.Namespace) -> int:
-    from rich.markup import escape
+    """One compact table per kind (samplers: name, NFE rule, default schedule, plugin; the
+    others: name, description, plugin); `bench list KIND NAME` shows one item whole, its
+    options with their defaults."""
     from rich.table import Table
+    from rich.text import Text
 
     out = _c.out
-    kinds = [args.kind] if args.kind else list(registry.items)
-    for kind in kinds:
-        table = Table(title=kind, title_justify="left", show_lines=True)
-        table.add_column("name", style="bold", no_wrap=True)
-        if kind == "samplers":
-            table.add_column("NFE rule", ratio=1)
-        table.add_column("description, options, plugin", ratio=2)
-        for name, item in registry.items[kind].items():
-            lines = [item.description]
-            if kind == "samplers":
-                lines.append(f"default schedule: {item.default_schedule}")
-            options = ", ".join(f"{k}={v}" for k, v in getattr(item, "options", {}).items())
-            if options:
-                lines.append(f"options: {options}")
-            lines.append(f"from {registry.version_of(kind, name)}")
-            rule = [item.nfe_rule] if kind == "samplers" else []
-            table.add_row(name, *rule, escape("\n".join(lines)))
+    if args.name:
+        if not args.kind:
+            raise UsageError("bench list NAME needs the kind first, e.g. bench list samplers dpm++2m")
+        return show_item(registry, args.kind, args.name)
+    for kind in [args.kind] if args.kind else list(KINDS):
+        items = registry.table(kind)
+        rows = []
+        for name, item in items.items():
+            plugin = registry.version_of(kind, name).split("==")[0].removeprefix("bench-")
+            rule = item.nfe_rule if kind == "samplers" else ""
+            what = [rule, item.default_schedule] if kind == "samplers" else [item.description]
+            rows.append([printable(v) for v in (name, *what, plugin)])
+        # Every column on one line: the free text (the rule, the description) gets what is left
+        widths = [max((len(r[i]) for r in rows), default=4) for i in range(len(rows[0]) if rows else 0)]
+        if kind == "samplers" and widths and sum(widths) + 2 * len(widths) > out.width:
+            widths[2], widths[3] = min(widths[2], 10), min(widths[3], 9)  # the rule first when narrow
+        free = max(12, out.width - sum(widths) + widths[1] - 2 * len(widths))
+        table = Table(title=kind, title_justify="left", box=None)
+        heads = ["name", "NFE rule", "schedule", "plugin"] if kind == "samplers" else ["name", "description",
+                                                                                          "plugin"]
+        for i, head in enumerate(heads):
+            width = free if i == 1 else widths[i] if widths else None
+            table.add_column(head, style="bold" if i == 0 else None, no_wrap=True, overflow="ellipsis",
+                             max_width=width, min_width=width)
+        for row in rows:
+            table.add_row(*(Text(v) for v in row))
         out.print(table)
+    if args.kind == "samplers":
+        out.print(Text("bench list samplers NAME shows a sampler's description and options", style="dim"))
+    return 0
+
+
+def show_item(registry: Registry, kind: str, name: str) -> int:
+    """One item of a kind: its description, rule, default schedule, options and plugin."""
+    from rich.text import Text
+
+    item = registry.get(kind, name)
+    lines = [f"{item.name} ({kind[:-1]}): {item.description}"]
+    if kind == "samplers":
+        lines += [f"NFE rule: {item.nfe_rule}", f"default schedule: {item.default_schedule}",
+                  f"stochastic: {'yes' if item.stochastic else 'no'}"]
+    if getattr(item, "aliases", ()):
+        lines.append(f"aliases: {', '.join(item.aliases)}")
+    options = getattr(item, "options", None) or {}
+    lines.append("options:" if options else "options: none")
+    lines += [f"  {k} = {v!r}" for k, v in options.items()]
+    lines.append(f"plugin: {registry.version_of(kind, item.name)}")
+    for line in lines:
+        _c.out.print(Text(printable(line)))
     return 0
 
 
@@ -179,7 +254,7 @@ def cmd_compare(registry: Registry, args: argparse.Namespace) -> int:
 
     base = load(args.base)
     cells = compare_runs(base, load(args.head), tolerances(args, None), args.alpha)
-    print(format_comparison(cells), end="")
+    print(printable_lines(format_comparison(cells)), end="")
     return 0
 
 
@@ -216,11 +291,11 @@ def cmd_check(registry: Registry, args: argparse.Namespace) -> int:
     baseline = read_baseline(path)
     head = load(args.run_dir) if args.run_dir else rerun(registry, baseline["run"], args.out, "csv")
     cells = compare_runs(load(path), head, tolerances(args, baseline), args.alpha)
-    print(format_comparison(cells), end="")
+    print(printable_lines(format_comparison(cells)), end="")
     bad = failures(cells, strict=args.strict)
     if bad:
         print(f"\ncheck FAILED against {path}; worse than the baseline beyond tolerance:", file=sys.stderr)
-        print("\n".join(f"  {line}" for line in bad), file=sys.stderr)
+        print("\n".join(f"  {printable(line)}" for line in bad), file=sys.stderr)
         return 1
     if not any(c.changes for c in cells):
         print(f"\ncheck FAILED: no cell of {path} was comparable; regenerate it with "
@@ -306,6 +381,13 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     p.add_argument("--metric-option", action=_Joined, default=DEFAULTS["metric_option"], metavar="KEY=VALUE",
                    help="a metric's option, e.g. clip=DIR or reference_steps=256 (repeatable; "
                         "`bench list metrics` shows each metric's)")
+    p.add_argument("--race", action="store_true",
+                   help="race the methods of each budget: --num-samples is the first round's n, the "
+                        "significantly worse leave after each round, survivors get twice the samples")
+    p.add_argument("--max-samples", type=int, default=DEFAULTS["max_samples"], metavar="N",
+                   help="with --race: the most samples a method gets (default 8 x --num-samples)")
+    p.add_argument("--race-time", default=DEFAULTS["race_time"], metavar="SECONDS",
+                   help="with --race: start no new round after this many seconds (default 0: no limit)")
     p.add_argument("--save-samples", action="store_true",
                    help="write each cell's samples as uint8 NHWC images to samples/<cell_id>.npz (arr_0)")
     p.set_defaults(func=cmd_run)
@@ -330,6 +412,7 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="samplers (with NFE rules), schedules, models, metrics, ...")
     p.add_argument("kind", nargs="?", choices=list(KINDS))
+    p.add_argument("name", nargs="?", help="one item of the kind, shown whole with its options")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("compare", help="per cell: better / worse / newly failing / fixed / not comparable")
@@ -352,8 +435,7 @@ def build_parser(registry: Registry) -> argparse.ArgumentParser:
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="`bench run` options, e.g. --nfe 5,10")
     p.set_defaults(func=cmd_baseline)
 
-    if registry.pm is not None:
-        registry.pm.hook.register_commands(subparsers=sub)
+    registry.add_commands(sub)
     return parser
 
 
@@ -385,16 +467,18 @@ def main(argv: list[str] | None = None) -> int:
         clean = True
         return code
     except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # one line, never wrapped
+        print(f"error: {printable(exc)}", file=sys.stderr)  # one line, never wrapped
         return exc.exit_code
-    except OSError as exc:  # the machine's, not the input's: a full disk, a lost mount
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:  # a path that cannot be used, a full disk, a lost mount
+        code, text = os_error(exc)
+        print(f"error: {printable(text)}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         _c.err.print("interrupted; finished cells are kept, rerun the same command to resume")
         return 130
     finally:
-        if "torch.distributed" in sys.modules:  # a torchrun process: leave its group cleanly
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():  # leave the group cleanly
             from .distributed import leave
 
             leave(clean)

@@ -46,6 +46,9 @@ DEFAULTS: dict[str, Any] = {
     "cell_timeout": 1800.0,
     "metric_option": None,
     "save_samples": False,
+    "race": False,
+    "max_samples": None,
+    "race_time": 0.0,
 }
 SPEED_DEFAULTS = {"dtype": "fp32", "channels_last": False, "compile": False}
 DTYPES = ("fp32", "bf16", "fp16")
@@ -201,6 +204,9 @@ class RunConfig:
     cell_timeout: float = DEFAULTS["cell_timeout"]  # seconds a cell may run (0: no limit); not identity
     save_samples: bool = False  # each cell's samples as uint8 images in samples/<cell_id>.npz; not identity
     prompts: str = ""  # the digest of the --prompts file (bench.conditioning); identity if set
+    race: bool = False  # each budget a race (bench.race): num_samples the first round's n; identity if set
+    max_samples: int | None = None  # a race's largest n (default 8 x num_samples)
+    race_time: float = 0.0  # seconds after which a race starts no new round (0: none); not identity
 
     def identity(self) -> dict[str, Any]:
         import torch
@@ -219,6 +225,7 @@ class RunConfig:
             **({"metric_options": self.metric_options} if self.metric_options else {}),
             **({"repeats": self.repeats} if self.repeats > 1 else {}),
             **({"prompts": self.prompts} if self.prompts else {}),
+            **({"race": {"max_samples": self.max_samples}} if self.race else {}),
             # The network's speed options, where they differ from the defaults
             **{k: v for k, v in self.speed_options().items() if v != SPEED_DEFAULTS[k]},
         }
@@ -237,7 +244,7 @@ class RunConfig:
 
 
 IDENTITY_KEYS = ("models", "methods", "nfe", "num_samples", "seed", "metrics", "device", "metric_options",
-                 "dtype", "channels_last", "compile", "repeats", "prompts")
+                 "dtype", "channels_last", "compile", "repeats", "prompts", "race")
 
 
 def config_from(registry, command: str = "", **options: Any) -> RunConfig:
@@ -283,12 +290,36 @@ def config_from(registry, command: str = "", **options: Any) -> RunConfig:
         compile=bool(o["compile"]),
         shard=parse_shard(o["shard"]) if o["shard"] else (0, 1),
         cell_timeout=seconds("--cell-timeout", o["cell_timeout"]),
+        race=bool(o["race"]),
+        race_time=seconds("--race-time", o["race_time"]),
     )
+    if config.race:
+        config.max_samples = race_limit(config, o["max_samples"])
+    elif o["max_samples"] is not None or config.race_time:
+        raise UsageError("--max-samples and --race-time go with --race; add --race or leave them out")
     cells = len(config.models) * len(config.methods) * len(config.nfe) * repeats
     if cells > MAX_CELLS:
         raise UsageError(f"the grid has {cells} cells (models x methods x budgets x repeats), past "
                          f"{MAX_CELLS}; split it into several runs")
     return config
+
+
+def race_limit(config: RunConfig, most: Any) -> int:
+    """A race's largest n (default 8 x the first round's), checked with what a race excludes."""
+    if config.shard[1] > 1:
+        raise UsageError("--race needs every method of a budget in one job; leave out --shard (torchrun "
+                         "spreads a race over processes)")
+    if config.repeats > 1:
+        raise UsageError("--race grows one seed block per cell; leave out --repeats")
+    if config.save_samples:
+        raise UsageError("--save-samples is not supported with --race; rerun the winners without --race")
+    first = config.num_samples
+    limit = 8 * first if most is None else integer("--max-samples", most, first)
+    if first < 2:
+        raise UsageError(f"--race needs --num-samples of at least 2 (the first round's n), got {first}")
+    if limit + config.seed > MAX_SEED:
+        raise UsageError(f"--max-samples {limit} from seed {config.seed} passes seed {MAX_SEED}")
+    return limit
 
 
 def prompt_set_digest(path: Any) -> str:

@@ -262,6 +262,8 @@ def _with_files(source: Run, target: Run, record: dict[str, Any]) -> dict[str, A
             out.pop(key, None)
             continue
         dest = target.dir / record[key]
+        if dest.exists() and os.path.samefile(path, dest):  # linked by an earlier, interrupted merge
+            continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_name(dest)
         try:

@@ -95,3 +95,10 @@ def unknown(
         hint = f" (closest: {item})" if spelling == item else f" (closest: {spelling} = {item})"
     listing = ", ".join(sorted(known)) or "none installed"
     return UsageError(f"unknown {kind} '{name}'{hint}; known: {listing}")
+
+
+def printable(text: object) -> str:
+    """Text from a file or a plugin made safe for a terminal: control characters (an escape
+    sequence that would clear the screen, a carriage return, a newline in a name) shown as
+    their Python escapes instead of acting."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))

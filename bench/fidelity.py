@@ -49,6 +49,7 @@ computed, never with this module, so the plugin registry's import stays fast.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -266,9 +267,13 @@ def _npz_stats(path: Path) -> dict[str, np.ndarray]:
     """An EDM-style reference file: np.savez(path, mu=mu, sigma=sigma) of pool3 features."""
     if not path.is_file():
         raise UsageError(f"--ref-stats: '{path}' does not exist; give an .npz of mu and sigma")
-    with np.load(path) as data:
-        stats = {k: data[k] for k in ("mu", "sigma") if k in data}
-        files = sorted(data.files)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stats = {k: np.asarray(data[k], dtype=np.float64) for k in ("mu", "sigma") if k in data}
+            files = sorted(data.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"--ref-stats: '{path}' is not a plain .npz of numbers ({type(exc).__name__}); "
+                         "give np.savez(path, mu=mu, sigma=sigma)") from None
     if len(stats) < 2:
         raise UsageError(f"--ref-stats: '{path}' holds {files}, not mu and sigma")
     if stats["mu"].shape != (INCEPTION_DIM,) or stats["sigma"].shape != (INCEPTION_DIM, INCEPTION_DIM):

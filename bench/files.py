@@ -155,9 +155,9 @@ def lock(directory: Path) -> Iterator[None]:
 def writable_dir(path: Path, flag: str = "--out") -> Path:
     """`path` as a directory this process can write in (made if missing), or a UsageError."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path} is a file, not a directory; give a directory")
     try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{flag} {path} is a file, not a directory; give a directory")
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
         os.close(fd)
@@ -171,12 +171,12 @@ def writable_dir(path: Path, flag: str = "--out") -> Path:
 def writable_file(path: Path, flag: str = "--out") -> Path:
     """`path` as a file this process can write (its directory made if missing), or a UsageError."""
     path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory; give a file name")
     if len(path.name.encode()) > 255:
         raise UsageError(f"{flag} {path.name[:40]}...: a file name of {len(path.name.encode())} bytes is "
                          "longer than the 255 a file system allows; give a shorter name")
     writable_dir(path.parent, flag=f"{flag} {path}: its directory")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
     return path
 
 

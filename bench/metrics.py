@@ -319,7 +319,7 @@ def metric_set(registry, metrics: list[str] | None, model_spec: str) -> tuple[li
 def known_options(registry) -> dict[str, Any]:
     """Every metric option an installed metric reads, with its default."""
     out = dict(RUN_OPTIONS)
-    for metric in registry.items["metrics"].values():
+    for metric in registry.table("metrics").values():
         out.update(getattr(metric, "options", None) or {})
     return out
 

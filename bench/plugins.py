@@ -52,7 +52,7 @@ class Registry:
         self.owner: dict[tuple[str, str], PluginInfo] = {}
         self._plugins: list[PluginInfo] = []
         self.pm: pluggy.PluginManager | None = None
-        self._filled = True  # a Registry built by hand is filled by hand
+        self._filled: set[str] = set(KINDS)  # a Registry built by hand is filled by hand
 
     @property
     def items(self) -> dict[str, dict[str, Any]]:
@@ -70,39 +70,62 @@ class Registry:
         self.fill()
         return self._plugins
 
-    def fill(self) -> None:
-        """Run every plugin's register_* hooks, once; a failing hook is that plugin's error."""
-        if self._filled:
+    def table(self, kind: str) -> dict[str, Any]:
+        """The registered items of one kind: only that kind's hooks run (`bench list samplers`
+        imports no metric's or model's module)."""
+        self.fill((kind,))
+        return self._items[kind]
+
+    def fill(self, kinds: tuple[str, ...] = KINDS) -> None:
+        """Run every plugin's register_<kind> hooks for `kinds`, once each; a failing hook is that
+        plugin's error."""
+        todo = [kind for kind in kinds if kind not in self._filled]
+        if not todo or self.pm is None:
             return
-        self._filled = True
+        self._filled.update(todo)
         by_module = {id(getattr(p, "module_obj", None)): p for p in self._plugins}
-        for kind in KINDS:
+        for kind in todo:
             hook = getattr(self.pm.hook, f"register_{kind}")
             for impl in reversed(hook.get_hookimpls()):  # registration order
                 info = by_module[id(impl.plugin)]
                 try:
                     impl.function(register=lambda item, _k=kind, _i=info: self._add(_k, item, _i))
-                except Exception as exc:
-                    info.error = f"register_{kind} failed: {type(exc).__name__}: {exc}"
+                except (Exception, SystemExit, KeyboardInterrupt) as exc:
+                    info.error = f"register_{kind} failed: {failure(exc)}"
+
+    def add_commands(self, subparsers: Any) -> None:
+        """Every plugin's `register_commands(subparsers)`; one that raises is that plugin's error
+        (`bench plugins` shows it) and its commands are left out, the others stay."""
+        if self.pm is None:
+            return
+        by_module = {id(getattr(p, "module_obj", None)): p for p in self._plugins}
+        for impl in reversed(self.pm.hook.register_commands.get_hookimpls()):
+            try:
+                impl.function(subparsers=subparsers)
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:
+                info = by_module.get(id(impl.plugin))
+                if info is not None:
+                    info.error = f"register_commands failed: {failure(exc)}"
 
     def get(self, kind: str, name: str) -> Any:
         """The item (by name or alias) or a UsageError listing what exists and the closest match."""
-        table = self.items[kind]
-        name = self.aliases[kind].get(name, name)
+        table = self.table(kind)
+        name = self._aliases[kind].get(name, name)
         if name not in table:
-            raise unknown(kind.rstrip("s"), name, list(table), self.aliases[kind])
+            raise unknown(kind.rstrip("s"), name, list(table), self._aliases[kind])
         return table[name]
 
     def canonical(self, kind: str, name: str) -> str:
         """The registered name an alias stands for (the name itself otherwise)."""
-        return self.aliases[kind].get(name, name)
+        self.fill((kind,))
+        return self._aliases[kind].get(name, name)
 
     def names(self, kind: str) -> list[str]:
-        return list(self.items[kind])
+        return list(self.table(kind))
 
     def version_of(self, kind: str, name: str) -> str:
         """`dist==version` of the plugin that registered `name`."""
-        self.fill()
+        self.fill((kind,))
         info = self.owner[(kind, name)]
         return f"{info.dist}=={info.version}"
 
@@ -141,6 +164,15 @@ class Registry:
         info.registered.setdefault(kind, []).append(item.name)
 
 
+def failure(exc: BaseException) -> str:
+    """What a plugin's import or hook raised, in one line: its own sys.exit() and a
+    KeyboardInterrupt it raises (not Ctrl-C: that arrives while the user waits, not at import)
+    fail the plugin, never the host."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: plugin code called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _allowed() -> set[str] | None:
     raw = os.environ.get("BENCH_PLUGINS")
     if raw is None:
@@ -165,7 +197,7 @@ def _entry_points() -> list[md.EntryPoint]:
 def load_registry() -> Registry:
     """Discover, load and validate every plugin; build a fresh Registry."""
     registry = Registry()
-    registry._filled = False
+    registry._filled = set()
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     registry.pm = pm
@@ -181,8 +213,8 @@ def load_registry() -> Registry:
         registry._plugins.append(info)
         try:
             module = ep.load()
-        except Exception as exc:  # a broken plugin must not break the others
-            info.error = f"import failed: {type(exc).__name__}: {exc}"
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a broken plugin must not break the others
+            info.error = f"import failed: {failure(exc)}"
             continue
         try:
             pm.register(module, name=f"{dist}:{ep.name}")

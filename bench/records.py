@@ -75,7 +75,7 @@ TYPED: dict[str, Any] = {
     "nfe_extra": int, "nfe_equiv": NUMBER, "wall_s": NUMBER, "model_s": NUMBER, "overhead_s": NUMBER,
     "metric_s": NUMBER, "calibration_s": NUMBER, "reason": str, "grid": str, "replicates": str,
     "cell_index": int, "repeat": int, "environment": dict, "options": dict, "sigmas": list,
-    "format": int, "stochastic": bool, "round": int, "rounds": int, "n_reached": int,
+    "format": int, "stochastic": bool, "race": dict,
 }
 # Bounds of the numbers reports render: (low, high), both inclusive
 BOUNDS: dict[str, tuple[float, float]] = {
@@ -83,7 +83,7 @@ BOUNDS: dict[str, tuple[float, float]] = {
     "num_samples": (1, 1e12), "batch_size": (1, 1e12), "seed": (0, 2**62), "steps": (0, MAX_NFE),
     "wall_s": (0, MAX_VALUE), "model_s": (0, MAX_VALUE), "overhead_s": (-MAX_VALUE, MAX_VALUE),
     "metric_s": (0, MAX_VALUE), "calibration_s": (0, MAX_VALUE), "cell_index": (0, 1e12),
-    "repeat": (0, 1e12), "round": (0, 1e6), "rounds": (0, 1e6), "n_reached": (0, 1e12),
+    "repeat": (0, 1e12),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .analysis import LEVEL, at_floor, by_model, floor_of, pool, verdicts  # noqa: F401 -- reports' names in 0.2
+from .errors import printable
 from .files import atomic_write
 from .rundir import Run
 
@@ -45,6 +48,8 @@ def cell_text(record: dict[str, Any], key: str) -> str:
         text = fmt(v.get("value"), v.get("std"))
         if v.get("repeats"):  # mean ± sd over disjoint seed blocks, and the best block
             text += f" (best {fmt(v['min'])}, {v['repeats']} blocks)"
+        if isinstance(record.get("race"), dict):  # a raced cell: the n it reached
+            text += f" n={record.get('num_samples')}"
         return text + (" (floor)" if at_floor(record, key) else "")
     value = record.get(key)
     return "; ".join(map(str, value)) if isinstance(value, list) else fmt(value)
@@ -105,6 +110,8 @@ def _metric_title(run: Run, name: str) -> str:
         if v is not None:
             better = "higher" if v.get("higher_is_better") else "lower"
             n = f", n={v['n']}" if v.get("n") else ""
+            if isinstance(r.get("race"), dict):
+                n = ", raced: each cell at its own n"
             return f"{v.get('title') or name} ({better} is better{n})"
     return name
 
@@ -118,25 +125,40 @@ def problems(run: Run) -> list[str]:
     return lines
 
 
-def verdict_frame(entries: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (metric, budget): best, its value and wall-clock, the tied methods; with a
-    model column when the run has several models."""
+def verdict_frame(entries: list[dict[str, Any]], html: bool = False) -> pd.DataFrame:
+    """One row per (metric, budget): best, its value and wall-clock, the tied methods and how
+    many are worse (in a race, the rounds they left in); with a model column when the run has
+    several models. With `html` the cells are HTML, the tied list folded after its first names."""
     rows = []
     models = len({e["model"] for e in entries}) > 1
     for e in entries:
         best = e["methods"][e["best"]]
         tied = sorted(e["tied"], key=lambda m: e["methods"][m]["point"], reverse=e["higher_is_better"])
-        rows.append({
+        worse = str(len(e["worse"]))
+        if e.get("race") and e["race"]["left"]:
+            rounds: dict[int, int] = {}
+            for where in e["race"]["left"].values():
+                rounds[where["round"]] = rounds.get(where["round"], 0) + 1
+            worse += " (left in round " + ", ".join(f"{r}: {k}" for r, k in sorted(rounds.items())) + ")"
+        n = f"raced, n={e['race']['n']}" if e.get("race") else f"n={e['n']}"
+        row = {
             **({"model": e["model"]} if models else {}),
-            "metric": f"{e['title']} (n={e['n']})",
+            "metric": f"{e['title']} ({n})",
             "NFE": str(e["nfe"]),
             "best": e["best"],
             "value": fmt(best["point"], best.get("std")),
             "wall s": fmt(best.get("wall_s")),
             "real data": fmt(e["floor"]["value"], e["floor"].get("std")) if e.get("floor") else "",
             "tied with best": ", ".join(tied) or "none",
-            "worse": str(len(e["worse"])),
-        })
+            "worse": worse,
+        }
+        if html:
+            row = {k: v if k == "metric" else escape(printable(v)) for k, v in row.items()}
+            if len(tied) > 3:
+                shown = escape(printable(", ".join(tied[:3])))
+                row["tied with best"] = (f"<details><summary>{len(tied)}: {shown}, &hellip;</summary>"
+                                         f"{escape(printable(', '.join(tied)))}</details>")
+        rows.append(row)
     frame = pd.DataFrame(rows)
     return frame.set_index("metric") if len(frame) else frame
 
@@ -156,30 +178,78 @@ def render_verdict(run: Run, console: Console) -> Path:
 
 
 def render_console(run: Run, console: Console) -> None:
-    frame = verdict_frame(run.analysis.verdicts)
-    if len(frame):
-        table = Table(title="Verdict", title_justify="left", caption=VERDICT_NOTE, caption_justify="left")
-        table.add_column("metric", style="bold")
-        for col in frame.columns:
-            table.add_column(col, justify="left" if col in ("best", "tied with best") else "right")
-        for metric, row in frame.iterrows():
-            table.add_row(metric, *row)
-        console.print(table)
+    """The tables, then the verdict in a few lines a terminal shows whole (the full lists of
+    tied and worse methods are in report.md, report.html and verdict.json)."""
     for title, frame in tables(run):
-        table = Table(title=title, title_justify="left")
+        table = Table(title=Text(printable(title)), title_justify="left")
         table.add_column("method", style="bold")
         for col in frame.columns:
             table.add_column(col, justify="right")
         for method, row in frame.iterrows():
-            table.add_row(method, *(_style(v) for v in row))
+            table.add_row(Text(printable(method)), *(_style(v) for v in row))
         console.print(table)
     for line in problems(run):
-        console.print(f"[yellow]{line}[/yellow]", markup=True, highlight=False)
-    console.print(f"results: {run.dir}")
+        console.print(Text(printable(line), style="yellow"), highlight=False)
+    for line in verdict_lines(run.analysis.verdicts, console.width):
+        console.print(line, highlight=False)
+    console.print(Text(f"results: {printable(run.dir)}"))
 
 
-def _style(text: str) -> str:
-    return {"infeasible": "[dim]infeasible[/dim]", "failed": "[red]failed[/red]"}.get(text, text)
+def verdict_lines(entries: list[dict[str, Any]], width: int = 80) -> list[Text]:
+    """Per metric a heading, per budget two lines: the best method (value ± s.e., wall-clock)
+    and real data's value; how many tie with it (the first names that fit `width`, then
+    "+N more") and how many are worse (in a race: the rounds they left in)."""
+    lines: list[Text] = []
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for e in entries:
+        groups.setdefault((e["model"], e["title"], e["higher_is_better"]), []).append(e)
+    models = len({e["model"] for e in entries}) > 1
+    for (model, title, higher), group in groups.items():
+        race = group[0].get("race")
+        n = f"raced up to n={race['n']}" if race else f"n={group[0].get('n')}"
+        where = f"{model}: " if models else ""
+        head = f"Verdict: {where}{title}, {'higher' if higher else 'lower'} is better, {n}"
+        lines.append(Text(printable(head), style="bold"))
+        for e in group:
+            best = e["methods"][e["best"]]
+            first = f"  NFE {e['nfe']:>3}  best {e['best']} {fmt(best['point'], best.get('std'))}"
+            if best.get("wall_s") is not None:
+                first += f" ({best['wall_s']:.3g} s)"
+            if e.get("floor"):
+                first += f" · real data {fmt(e['floor']['value'], e['floor'].get('std'))}"
+            tied = sorted(e["tied"], key=lambda m: e["methods"][m]["point"], reverse=e["higher_is_better"])
+            worse = f"worse {len(e['worse'])}"
+            if e.get("race") and e["race"]["left"]:
+                rounds: dict[int, int] = {}
+                for where in e["race"]["left"].values():
+                    rounds[where["round"]] = rounds.get(where["round"], 0) + 1
+                worse += " (left in round " + ", ".join(f"{r}: {k}" for r, k in sorted(rounds.items())) + ")"
+            lines.append(Text(printable(first)))
+            lines.append(Text(printable(" " * 11 + names_that_fit(f"tied {len(tied)}", tied, f" · {worse}",
+                                                                     width - 11))))
+    if lines:
+        lines.append(Text(printable(VERDICT_NOTE_SHORT), style="dim"))
+    return lines
+
+
+def names_that_fit(head: str, names: list[str], tail: str, width: int) -> str:
+    """`head: a, b, +N more` + `tail`, with as many names as fit in `width` characters."""
+    if not names:
+        return f"{head}{tail}"
+    for k in range(len(names), -1, -1):
+        more = f", +{len(names) - k} more" if k < len(names) else ""
+        text = f"{head}: {', '.join(names[:k])}{more}{tail}" if k else f"{head}{tail}"
+        if len(text) <= width or k == 0:
+            return text
+    return f"{head}{tail}"
+
+
+VERDICT_NOTE_SHORT = (f"Tied: not significantly worse than the best at level {LEVEL} (paired bootstrap, "
+                      "Holm); the full lists are in report.md, report.html and verdict.json.")
+
+
+def _style(text: str) -> Text:
+    return Text(printable(text), style={"infeasible": "dim", "failed": "red"}.get(text, ""))
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -187,13 +257,26 @@ def markdown_table(frame: pd.DataFrame) -> str:
     head = [frame.index.name or "", *map(str, frame.columns)]
     rows = [[str(i), *map(str, row)] for i, row in zip(frame.index, frame.to_numpy(), strict=True)]
     align = ["---"] + ["---:"] * len(frame.columns)
-    return "\n".join("| " + " | ".join(map(md_escape, r)) + " |" for r in [head, align, *rows])
+    head, *rows = [[md_escape(c) for c in r] for r in [head, *rows]]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [head, align, *rows])
 
 
 def md_escape(text: str) -> str:
-    """Text for a Markdown table cell: HTML escaped (a sampler option `<script>` stays text),
-    pipes escaped."""
-    return escape(text, quote=False).replace("|", "\\|")
+    """Text for Markdown (a table cell, a heading, a list item): control characters shown as
+    escapes, HTML escaped (a sampler option `<script>` stays text), Markdown's own marks
+    escaped (a name cannot close a table, open a heading or a link)."""
+    text = escape(printable(text), quote=False)
+    return "".join("\\" + c if c in MD_SPECIAL else c for c in text)
+
+
+MD_SPECIAL = set("\\`*_[]|")  # emphasis, code, links, table cells; numbers stay as written
+
+
+def md_code(text: str) -> str:
+    """Inline code whose backtick fence is longer than any run of backticks inside it."""
+    text = printable(text)
+    fence = "`" * (1 + max((len(r) for r in re.findall("`+", text)), default=0))
+    return f"{fence} {text} {fence}"
 
 
 def render_csv(run: Run, console: Console) -> Path:
@@ -203,9 +286,10 @@ def render_csv(run: Run, console: Console) -> Path:
 def render_markdown(run: Run, console: Console) -> Path:
     cfg = run.config
     env = cfg.get("environment", {})
-    lines = [f"# sampler-bench run `{run.dir.name}`", ""]
+    lines = [f"# sampler-bench run {md_code(run.dir.name)}", ""]
     if cfg.get("command"):
-        lines += ["```", cfg["command"], "```", ""]
+        fence = "`" * max(3, 1 + max((len(r) for r in re.findall("`+", str(cfg["command"]))), default=0))
+        lines += [fence, printable(cfg["command"]), fence, ""]
     lines += [
         f"Samples per cell: {cfg.get('num_samples')}, seed {cfg.get('seed')}, "
         f"device {env.get('device')} ({env.get('device_name')}), torch {env.get('torch')}, "
@@ -216,13 +300,14 @@ def render_markdown(run: Run, console: Console) -> Path:
     if len(frame):
         lines += ["## Verdict", "", markdown_table(frame), "", VERDICT_NOTE, ""]
     for title, frame in tables(run):
-        lines += [f"## {title}", "", markdown_table(frame), ""]
+        lines += [f"## {md_escape(title)}", "", markdown_table(frame), ""]
     issues = problems(run)
     if issues:
-        lines += ["## Cells that are not ok", ""] + [f"- {line}" for line in issues] + [""]
+        lines += ["## Cells that are not ok", ""] + [f"- {md_escape(line)}" for line in issues] + [""]
     plugins = env.get("plugins", {})
-    if plugins:
-        lines += ["## Plugins", ""] + [f"- {d} {v}" for d, v in sorted(plugins.items())] + [""]
+    if isinstance(plugins, dict) and plugins:
+        lines += ["## Plugins", ""] + [f"- {md_escape(f'{d} {v}')}" for d, v in sorted(plugins.items())]
+        lines += [""]
     return atomic_write(run.dir / "report.md", "\n".join(lines))
 
 
@@ -324,7 +409,7 @@ def plot_vs_nfe(records: list[dict[str, Any]], metric: str, title: str) -> str:
             [r["nfe"] for r in rs],
             [v["value"] for v in vs],
             capsize=3,
-            label=method,
+            label=printable(method),
             yerr=[v.get("std") or 0 for v in vs],
             **method_style(i),
         )
@@ -348,7 +433,7 @@ def plot_vs_wall(records: list[dict[str, Any]], metric: str, title: str) -> str:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for i, (method, rs) in enumerate(groups.items()):
         xs, ys = [r["wall_s"] for r in rs], [r["metrics"][metric]["value"] for r in rs]
-        ax.plot(xs, ys, linestyle="none", label=method, **method_style(i))
+        ax.plot(xs, ys, linestyle="none", label=printable(method), **method_style(i))
         for r in rs:
             ax.annotate(
                 str(r["nfe"]),
@@ -374,8 +459,8 @@ def plot_vs_wall(records: list[dict[str, Any]], metric: str, title: str) -> str:
     )
     _floor_line(ax, records, metric)
     for r in front:  # the front's cells by name: the answer to "which, at what cost"
-        ax.annotate(f"{r['method']} @ {r['nfe']}", (r["wall_s"], r["metrics"][metric]["value"]), fontsize=7,
-                    xytext=(6, -10), textcoords="offset points", fontweight="bold")
+        ax.annotate(printable(f"{r['method']} @ {r['nfe']}"), (r["wall_s"], r["metrics"][metric]["value"]),
+                    fontsize=7, xytext=(6, -10), textcoords="offset points", fontweight="bold")
     _legend(ax)
     return figure_uri(fig)
 
@@ -389,6 +474,12 @@ def metric_frame(records: list[dict[str, Any]], metric: str, marks=None) -> pd.D
     if floor is not None:
         frame.loc[FLOOR_ROW] = fmt(floor["value"], floor.get("std"))
     return frame
+
+
+def plots_html(plots: list[tuple[str, str]]) -> str:
+    """(alt text, data URI) pairs as a row of inline images."""
+    images = "".join(f'<img src="{uri}" alt="{escape(alt)}" title="{escape(alt)}">' for alt, uri in plots)
+    return f'<div class="plots">{images}</div>'
 
 
 def html_table(frame: pd.DataFrame, raw: bool = False, css: str = "") -> str:
@@ -439,13 +530,38 @@ def environment_html(run: Run) -> str:
     return f"<h2>Command and environment</h2>{command}<table class='env'><tbody>{rows}</tbody></table>"
 
 
+def leaders(entries: list[dict[str, Any]], model: str, metric: str | None, most: int = 8) -> list[str]:
+    """The methods a model's verdicts on `metric` rank first: each budget's best, then those
+    tied with it by value, budget by budget, at most `most`."""
+    chosen: dict[str, None] = {}
+    for e in entries:
+        if e["model"] == model and e["metric"] == metric:
+            tied = sorted(e["tied"], key=lambda m: e["methods"][m]["point"], reverse=e["higher_is_better"])
+            for m in [e["best"], *tied]:
+                if len(chosen) < most:
+                    chosen[m] = None
+    return list(chosen)
+
+
 def render_html(run: Run, console: Console) -> Path:
     """report.html: tables and plots per metric, sample grids, environment; self-contained."""
     groups, marks = run.analysis.pooled, run.analysis.marks
     body = [f"<h1>sampler-bench run <code>{escape(run.dir.name)}</code></h1>"]
-    frame = verdict_frame(run.analysis.verdicts)
+    # First the answer: each model's leading methods against NFE, with real data's floor
+    figures = []
+    for model, records in groups.items():
+        metric = next((m for r in records for m in r.get("metrics", {})), None)
+        chosen = leaders(run.analysis.verdicts, model, metric)
+        if chosen:
+            name = next(r["metrics"][metric].get("title") for r in records if metric in r.get("metrics", {}))
+            title = f"{model + ': ' if len(groups) > 1 else ''}{name or metric}, the verdict's leaders"
+            figures.append((title, plot_vs_nfe([r for r in records if r["method"] in chosen], metric,
+                                               name or metric)))
+    if figures:
+        body.append(plots_html(figures))
+    frame = verdict_frame(run.analysis.verdicts, html=True)
     if len(frame):
-        body += ["<h2>Verdict</h2>", html_table(frame), f"<p>{escape(VERDICT_NOTE)}</p>"]
+        body += ["<h2>Verdict</h2>", html_table(frame, raw=True), f"<p>{escape(VERDICT_NOTE)}</p>"]
     body.append(environment_html(run))
     for model, records in groups.items():
         prefix = f"{model}: " if len(groups) > 1 else ""
@@ -461,11 +577,7 @@ def render_html(run: Run, console: Console) -> Path:
             body += [
                 f"<h2>{escape(prefix + title)}</h2>",
                 html_table(metric_frame(records, metric, marks)),
-                '<div class="plots">'
-                + "".join(
-                    f'<img src="{uri}" alt="{escape(alt)}" title="{escape(alt)}">' for alt, uri in plots
-                )
-                + "</div>",
+                plots_html(plots),
             ]
         for key, title in record_keys(records):
             body += [

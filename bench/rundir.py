@@ -201,8 +201,13 @@ class Run:
         remove the temporary files killed writers left (`bench.files.sweep_temporaries`)."""
         writable_dir(self.dir)
         with lock(self.dir):
-            sweep_temporaries(self.dir, self.dir / SAMPLES, self.dir / REPLICATES)
+            self.sweep()
             yield self
+
+    def sweep(self) -> list[Path]:
+        """Remove the temporary files of writers that were killed mid-write (a live writer's
+        stay): a run, a merge and `bench report` leave no litter behind another's crash."""
+        return sweep_temporaries(self.dir, self.dir / SAMPLES, self.dir / REPLICATES)
 
     def write_config(self, data: dict[str, Any]) -> None:
         write_json(self.config_path, data)

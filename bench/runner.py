@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,14 @@ def _run(registry: Registry, config: RunConfig, world: World, out: Run, on_cell,
             if on_notice and world.main else {}
         if notices:
             on_notice(notices)
+        stamp = partial(stamp_record, config=config, env=env, calibration_s=calibration_s,
+                        model_info=model_info)
+        if config.race:  # each budget a race of its methods (bench.race)
+            for nfe in config.nfe:
+                cells = [(index, spec) for index, spec in ours if spec.nfe == nfe]
+                new += race_budget(registry, config, world, out, cells, denoiser, cache, device, finished,
+                                   done, stamp, on_cell, on_batch, on_start)
+            continue
         for index, spec in ours:
             if spec.id in finished:
                 if on_cell and world.main:
@@ -163,13 +171,120 @@ def _run(registry: Registry, config: RunConfig, world: World, out: Run, on_cell,
                               on_batch if world.main else None, world, out)
             if not world.main:
                 continue
-            record.update(cell_id=spec.id, cell_index=index, environment=env, calibration_s=calibration_s,
-                          repeat=(spec.seed - config.seed) // config.num_samples, model_info=model_info)
-            record = store(out, record)
+            record = store(out, stamp(record, index, spec))
             new.append(record)
             if on_cell:
                 on_cell(spec, record)
     return out.dir, new
+
+
+# --- Racing (bench.race) ----------------------------------------------------------------
+
+
+def race_budget(registry: Registry, config: RunConfig, world: World, out: Run,
+                cells: list[tuple[int, CellSpec]], denoiser, cache, device, finished: set[str],
+                done: dict[str, dict[str, Any]], stamp: Callable[..., dict[str, Any]], on_cell, on_batch,
+                on_start) -> list[dict[str, Any]]:
+    """One budget's race (`--race`): every method's cell grown round by round on the same
+    seeds, the worse ones leaving after each round's paired verdict. Each round's records are
+    stored as its cells finish (`race`: round, planned rounds, n, level) and, once the round
+    is decided, stored again with their `outcome`; a rerun reads the stored rounds, replays
+    their decisions and goes on (`finished`: the cell ids stored, on every rank; `done`: their
+    records, on rank 0). `stamp(record, index, spec)` adds the run's fields."""
+    from .race import Race, round_sizes
+
+    sizes = round_sizes(config.num_samples, config.max_samples or config.num_samples)
+    race = Race([spec.id for _, spec in cells], sizes)
+    by_id = {spec.id: (index, spec) for index, spec in cells}
+    sessions: dict[str, tuple[Solve, Measurement] | None] = {}
+    new: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    while not race.done:
+        n, records = race.n, {}
+        for key in list(race.alive):
+            index, first = by_id[key]
+            spec = replace(first, num_samples=n)
+            record = done.get(spec.id)
+            if spec.id not in finished:
+                if on_start and world.main:
+                    on_start(spec, None)
+                record = race_cell(registry, config, world, out, first, spec, sessions, denoiser, cache,
+                                   device, on_batch if world.main else None)
+                if world.main:
+                    record = store(out, stamp({**record, "race": race_fields(race, n)}, index, spec))
+                    new.append(record)
+            if world.main and on_cell:
+                on_cell(spec, record)
+            records[key] = record
+        # The round's verdict, on rank 0; every rank goes on with the same survivors
+        final = bool(config.race_time) and time.perf_counter() - start > config.race_time
+        entry = world.broadcast(decide(race, records, out, final) if world.main else None)
+        race.apply(entry)
+        if world.main:
+            new += settle(out, records, entry)
+    return new
+
+
+def race_fields(race, n: int) -> dict[str, Any]:
+    return {"round": race.round + 1, "rounds": race.planned, "n": n, "level": race.round_level}
+
+
+def race_cell(registry, config: RunConfig, world: World, out: Run, first: CellSpec, spec: CellSpec,
+              sessions: dict, denoiser, cache, device, on_batch) -> dict[str, Any]:
+    """A method's cell grown to spec.num_samples: built once (at its first round), its earlier
+    samples kept by its metric states; a session lost to a rerun is rebuilt by sampling the
+    earlier seeds again."""
+    record = base_record(registry, config, spec, device, world)
+
+    def body() -> dict[str, Any]:
+        if sessions.get(first.id) is None:
+            solve = world.agree(partial(build, registry, first, denoiser, device))
+            sessions[first.id] = (solve, Measurement(registry, config, first, solve, denoiser, cache, device,
+                                                     world, out, on_batch))
+        solve, measurement = sessions[first.id]
+        record.update(solve.record())
+        measurement.on_batch = on_batch
+        measurement.grow(spec.num_samples)
+        return measurement.result(spec)
+
+    result = attempt(record, body, cell_limit(config.cell_timeout, world.size))
+    if result.get("status") != "ok":
+        sessions[first.id] = None
+    return result
+
+
+def decide(race, records: dict[str, dict[str, Any]], out: Run, final: bool = False) -> dict[str, Any]:
+    """The round's verdict on its records' race metric (the first value of the first metric),
+    from their stored replicates; methods whose cell failed or has no replicates leave."""
+    ok = {k: r for k, r in records.items() if r.get("status") == "ok" and r.get("metrics")}
+    metric = next(iter(next(iter(ok.values()))["metrics"]), None) if ok else None
+    point, reps, higher = {}, {}, False
+    for key, r in ok.items():
+        value, stored = r["metrics"].get(metric), out.replicates(r) or {}
+        if value is not None and metric in stored:
+            point[key], reps[key] = value["value"], stored[metric]
+            higher = bool(value.get("higher_is_better"))
+    return {**race.decide(point, reps, higher, final=final), "metric": metric}
+
+
+def settle(out: Run, records: dict[str, dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each record of the decided round stored again with its outcome (the latest record of a
+    cell is the one read), unless it has it already (a replayed round)."""
+    again = []
+    for key, record in records.items():
+        outcome = entry["outcome"].get(key, "left")
+        if (record.get("race") or {}).get("outcome") != outcome and "race" in record:
+            again.append(store(out, {**record, "race": {**record["race"], "outcome": outcome,
+                                                        "metric": entry.get("metric")}}))
+    return again
+
+
+def stamp_record(record: dict[str, Any], index: int, spec: CellSpec, *, config: RunConfig,
+                 env: dict[str, Any], calibration_s: float, model_info: dict[str, Any]) -> dict[str, Any]:
+    """What every stored record says besides its cell's own fields."""
+    return {**record, "cell_id": spec.id, "cell_index": index, "environment": env,
+            "calibration_s": calibration_s, "repeat": (spec.seed - config.seed) // config.num_samples,
+            "model_info": model_info}
 
 
 def store(out: Run, record: dict[str, Any]) -> dict[str, Any]:
@@ -231,9 +346,10 @@ def cell_specs(registry: Registry, config: RunConfig, model_spec: str,
     return list(unique.values())
 
 
-def _batches(n: int, size: int) -> Iterable[torch.Tensor]:
-    for start in range(0, n, size):
-        yield torch.arange(start, min(n, start + size))
+def _batches(first: int, stop: int, size: int) -> Iterable[torch.Tensor]:
+    """Sample positions first .. stop - 1 in batches of `size`."""
+    for start in range(first, stop, size):
+        yield torch.arange(start, min(stop, start + size))
 
 
 def base_record(registry: Registry, config: RunConfig, spec: CellSpec, device,
@@ -281,14 +397,25 @@ def run_cell(
     world = world or World()
     out = out or Run(config.run_dir())
     record = base_record(registry, config, spec, device, world)
-    limit = cell_limit(config.cell_timeout, world.size)
+
+    def body() -> dict[str, Any]:
+        # Build the cell on every rank; a failure on any rank fails the cell on all of them
+        solve = world.agree(partial(build, registry, spec, denoiser, device))
+        record.update(solve.record())
+        return _measure(registry, config, spec, solve, denoiser, cache, device, on_batch, world, out)
+
+    return attempt(record, body, cell_limit(config.cell_timeout, world.size))
+
+
+def attempt(record: dict[str, Any], body: Callable[[], dict[str, Any]],
+            limit: float | None) -> dict[str, Any]:
+    """The record with what `body` measures, within the time limit; a sampler's, schedule's or
+    metric's failure makes it failed (or infeasible) instead of raising. Ctrl-C, a model that
+    cannot load and a lost process still end the run."""
     try:
         with time_limit(limit):
-            # Build the cell on every rank; a failure on any rank fails the cell on all of them
-            solve = world.agree(partial(build, registry, spec, denoiser, device))
-            record.update(solve.record())
-            return {**record, **_measure(registry, config, spec, solve, denoiser, cache, device, on_batch,
-                                         world, out)}
+            measured = body()  # it may add to `record` (the plan's fields) before it measures
+            return {**record, **measured}
     except Infeasible as exc:  # the planner's reason, or a modifier that does not apply
         return {**record, "status": "infeasible", "reason": str(exc)}
     except KeyboardInterrupt as exc:  # Ctrl-C ends the run; plugin code's own raise fails its cell
@@ -318,28 +445,52 @@ def failure_reason(exc: BaseException) -> str:
 
 def _measure(registry, config: RunConfig, spec: CellSpec, solve: Solve, denoiser, cache, device,
              on_batch, world: World, out: Run) -> dict[str, Any]:
-    # Metrics live on rank 0, created per cell and fed batch by batch, in batch order
-    # They see the model in full precision, guided where the cell is (Modifier.target)
-    model = target_model(registry, spec, full_precision(denoiser), cache)
-    ctx = MetricContext(spec.model, model, spec.num_samples, spec.seed, device, cache, config.metric_options)
-    states: dict[str, Any] = {}
-    world.on_main(lambda: states.update({n: registry.get("metrics", n).create(ctx) for n, _ in spec.metrics}))
-    floor: dict[str, Any] = {}
-    world.on_main(lambda: floor.update(data_floor(registry, spec, ctx, config.batch_size)))
-    tally = Tally(grid=out.grid_path(spec.id), bootstrap=bootstrap_b(config.metric_options),
-                  samples=SampleWriter(out.samples_path(spec.id), spec.num_samples)
-                  if config.save_samples and world.main else None)
-    batches = list(enumerate(_batches(spec.num_samples, config.batch_size)))
-    for k, mine in enumerate(world.deal(batches)):
-        # Each rank samples its batch of the round (a round is one batch in one process)
-        parts = world.collect(partial(_sample, solve, mine, world.size > 1))
-        world.on_main(partial(tally.feed, parts, states, device, float(solve.sigmas[0])))
-        if on_batch:
-            on_batch(spec.id, min(len(batches), (k + 1) * world.size), len(batches))
-    # The cell's numbers, on rank 0
-    result: dict[str, Any] = {"status": "ok", **({"floor": floor} if floor else {})}
-    world.on_main(lambda: result.update(_finish(states, tally, solve.plan, spec, out)))
-    return result
+    measurement = Measurement(registry, config, spec, solve, denoiser, cache, device, world, out, on_batch)
+    measurement.grow(spec.num_samples)
+    return measurement.result(spec)
+
+
+class Measurement:
+    """A built cell sampled and scored. Its metrics live on rank 0, created once and fed batch
+    by batch in sample order; they see the model in full precision, guided where the cell is
+    (Modifier.target). `grow(n)` samples the positions up to n (a race grows a cell round by
+    round, never drawing a sample twice); `result(spec)` gives the record's fields at that n."""
+
+    def __init__(self, registry, config: RunConfig, spec: CellSpec, solve: Solve, denoiser, cache, device,
+                 world: World, out: Run, on_batch: Progress | None = None) -> None:
+        self.registry, self.config, self.solve, self.device = registry, config, solve, device
+        self.world, self.out, self.on_batch, self.n = world, out, on_batch, 0
+        model = target_model(registry, spec, full_precision(denoiser), cache)
+        self.ctx = MetricContext(spec.model, model, spec.num_samples, spec.seed, device, cache,
+                                 config.metric_options)
+        self.states: dict[str, Any] = {}
+        world.on_main(lambda: self.states.update({n: registry.get("metrics", n).create(self.ctx)
+                                                  for n, _ in spec.metrics}))
+        self.tally = Tally(grid=out.grid_path(spec.id), bootstrap=bootstrap_b(config.metric_options),
+                           samples=SampleWriter(out.samples_path(spec.id), spec.num_samples)
+                           if config.save_samples and world.main else None)
+
+    def grow(self, n: int) -> None:
+        """Sample positions self.n .. n - 1 and feed them to the metrics."""
+        batches = list(enumerate(_batches(self.n, n, self.config.batch_size)))
+        for k, mine in enumerate(self.world.deal(batches)):
+            # Each rank samples its batch of the round (a round is one batch in one process)
+            parts = self.world.collect(partial(_sample, self.solve, mine, self.world.size > 1))
+            self.world.on_main(partial(self.tally.feed, parts, self.states, self.device,
+                                       float(self.solve.sigmas[0])))
+            if self.on_batch:
+                self.on_batch(self.solve.spec.id, min(len(batches), (k + 1) * self.world.size), len(batches))
+        self.n = n
+
+    def result(self, spec: CellSpec) -> dict[str, Any]:
+        """The cell's numbers at its current n (spec.num_samples), on rank 0."""
+        floor: dict[str, Any] = {}
+        self.world.on_main(lambda: floor.update(data_floor(self.registry, spec, self.ctx,
+                                                           self.config.batch_size)))
+        out: dict[str, Any] = {"status": "ok", **({"floor": floor} if floor else {})}
+        self.world.on_main(lambda: out.update(_finish(self.states, self.tally, self.solve.plan, spec,
+                                                      self.out)))
+        return out
 
 
 def data_floor(registry: Registry, spec: CellSpec, ctx: MetricContext, batch_size: int) -> dict[str, Any]:

@@ -6,7 +6,10 @@ each tried for real against `bench` in a subprocess, each outcome classified.
 Classes: plugin faults (a cell fails, the run goes on: exit 1, the other cells ok), storage
 faults (a full disk, simulated by failing os.write inside the bench process; two writers on
 one directory), hostile files (corrupt records and configs), bad input (one line, exit 2,
-before any work) and multi-process runs (torchrun, 2 processes on gloo, exit 0 every time).
+before any work), the edges (empty comma-list items, OS errors, options a run cannot honour,
+records a report must not render, escaping, litter after SIGKILL mid-write, `bench merge`
+killed and aimed at a busy directory, plugins that would end the process) and multi-process
+runs (torchrun, 2 processes on gloo, exit 0 every time).
 An outcome is `clean` when it is what the README promises, `traceback` when stderr holds a
 Python traceback, `wrong` for any other behaviour (accepted bad input, a wrong exit code, a
 half-written file left) and `lost` when a finished cell's record is gone after the rerun.
@@ -34,16 +37,25 @@ SMALL = ["--model", "mixture", "--metrics", "fd", "--nfe", "3", "--num-samples",
 
 # Runs `bench` with os.write failing for files whose path holds one of BENCH_FAULT_PATHS
 # (comma list): ENOSPC, or with BENCH_FAULT_SHORT=1 half the bytes written (a disk filling up)
+# With BENCH_FAULT_KILL=N the process kills itself with SIGKILL at its N-th such write instead,
+# after writing half of it: what a machine's OOM killer or a lost job does mid-write
 FULL_DISK = textwrap.dedent("""
-    import errno, os, sys
+    import errno, os, signal, sys
     real, parts = os.write, os.environ["BENCH_FAULT_PATHS"].split(",")
     short = os.environ.get("BENCH_FAULT_SHORT") == "1"
+    kill_at, seen = int(os.environ.get("BENCH_FAULT_KILL", "0")), [0]
     def write(fd, data):
         try:
             path = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             path = ""
         if not any(p in path for p in parts):
+            return real(fd, data)
+        if kill_at:
+            seen[0] += 1
+            if seen[0] >= kill_at:
+                real(fd, bytes(data[: max(1, len(data) // 2)]))
+                os.kill(os.getpid(), signal.SIGKILL)
             return real(fd, data)
         if short and len(data) > 1:
             return real(fd, bytes(data[: len(data) // 2]))
@@ -57,9 +69,7 @@ FULL_DISK = textwrap.dedent("""
 
 def fault_plugin() -> str:
     """The fault-injection plugin the tests register (tests/test_faults.py, FAULTS)."""
-    tree = ast.parse((ROOT / "tests" / "test_faults.py").read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "FAULTS")
-    return ast.literal_eval(node.value)
+    return test_source("FAULTS")
 
 
 def install(site: Path, dist: str, code: str) -> None:
@@ -210,12 +220,7 @@ def storage_faults(bench: Bench) -> list[Outcome]:
 def two_writers(bench: Bench) -> Outcome:
     """A second `bench run` into a directory another one is writing."""
     run_dir = bench.work / "two-writers"
-    argv = ["run", *SMALL, "--samplers", "f-hang,euler", "--cell-timeout", "8", "--out", run_dir]
-    first = bench(*argv, background=True)
-    lock = run_dir / ".lock"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (lock.exists() and lock.read_text().strip()):
-        time.sleep(0.2)
+    first, argv = busy_writer(bench, run_dir)
     second = bench(*argv)
     first.wait(timeout=300)
     verdict, detail = classify_error(second)
@@ -224,6 +229,18 @@ def two_writers(bench: Bench) -> Outcome:
     if torn(run_dir) or len(records(run_dir)) != 2:
         verdict, detail = "lost", f"{len(records(run_dir))} records; {torn(run_dir)}"
     return Outcome("storage faults", "two bench run on one --out", verdict, detail)
+
+
+def busy_writer(bench: Bench, run_dir: Path):
+    """A `bench run` into `run_dir` that holds its lock for about 8 s (a cell that hangs until its
+    time limit); returns (the process, its argv) once the lock is taken."""
+    argv = ["run", *SMALL, "--samplers", "f-hang,euler", "--cell-timeout", "8", "--out", run_dir]
+    first = bench(*argv, background=True)
+    lock = run_dir / ".lock"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (lock.exists() and lock.read_text().strip()):
+        time.sleep(0.2)
+    return first, argv
 
 
 def hostile_files(bench: Bench) -> list[Outcome]:
@@ -348,6 +365,291 @@ def multi_process(bench: Bench, runs: int) -> list[Outcome]:
     return out
 
 
+def test_source(name: str) -> str:
+    """A string constant of tests/test_faults.py (the plugins and factories its tests install)."""
+    tree = ast.parse((ROOT / "tests" / "test_faults.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == name)
+    return ast.literal_eval(node.value)
+
+
+def refused(bench: Bench, kind: str, cases: dict[str, list], out: Path | None = None) -> list[Outcome]:
+    """Each command refused in one line with exit 2; with `out`, nothing written there."""
+    result = []
+    for name, argv in cases.items():
+        start = time.perf_counter()
+        proc = bench(*argv)
+        verdict, detail = classify_error(proc)
+        if verdict == "clean" and out is not None and (out / "config.json").exists():
+            verdict, detail = "wrong", "wrote config.json before refusing"
+        if verdict == "clean" and time.perf_counter() - start > 30:
+            verdict, detail = "wrong", f"refused only after {time.perf_counter() - start:.0f} s"
+        result.append(Outcome(kind, name, verdict, detail))
+        if out is not None and out.exists():
+            for p in out.rglob("*"):
+                if p.is_file():
+                    p.unlink()
+    return result
+
+
+def comma_lists(bench: Bench) -> list[Outcome]:
+    """Empty items and empty lists: one line, exit 2, no config.json left to claim the directory."""
+    out = bench.work / "lists-out"
+    run = ["run", "--model", "mixture", "--metrics", "fd", "--num-samples", "8", "--quiet", "--out", out]
+    cases = {
+        "--nfe 5,,10": [*run, "--samplers", "euler", "--nfe", "5,,10"],
+        "--nfe 5,": [*run, "--samplers", "euler", "--nfe", "5,"],
+        "--nfe ''": [*run, "--samplers", "euler", "--nfe", ""],
+        "--samplers euler,,heun": [*run, "--samplers", "euler,,heun", "--nfe", "3"],
+        "--samplers ''": [*run, "--samplers", "", "--nfe", "3"],
+        "--schedule ''": [*run, "--samplers", "euler", "--nfe", "3", "--schedule", ""],
+        "--model ''": [*run, "--samplers", "euler", "--nfe", "3", "--model", ""],
+        "--modifiers ''": [*run, "--samplers", "euler", "--nfe", "3", "--modifiers", ""],
+        "--metrics ''": [*run, "--samplers", "euler", "--nfe", "3", "--metrics", ""],
+        "--metrics fd,": [*run, "--samplers", "euler", "--nfe", "3", "--metrics", "fd,"],
+        "--report csv,,html": [*run, "--samplers", "euler", "--nfe", "3", "--report", "csv,,html"],
+    }
+    return refused(bench, "comma lists", cases, out)
+
+
+def os_errors(bench: Bench) -> list[Outcome]:
+    """Paths the OS refuses: one line saying what to do, exit 2, never a raw errno."""
+    w = bench.work
+    (w / "a-file").write_text("x")
+    cases = {
+        "fit --out at a file": ["fit", "--samplers", "amed-plugin-euler", "--nfe", "5", "--model", "mixture",
+                                "--out", w / "a-file"],
+        "--out of a 300-character name": ["run", *SMALL, "--samplers", "euler", "--out", w / ("x" * 300)],
+        "search --out at a file": ["search", "--model", "mixture", "--samplers", "euler", "--nfe", "5",
+                                   "--schedules", "gits", "--out", w / "a-file"],
+    }
+    result = refused(bench, "OS errors", cases)
+    run_dir = w / "config-dir"
+    bench("run", *SMALL, "--samplers", "euler", "--out", run_dir)
+    (run_dir / "config.json").unlink()
+    (run_dir / "config.json").mkdir()
+    result += refused(bench, "OS errors", {
+        "config.json a directory: run": ["run", *SMALL, "--samplers", "euler", "--out", run_dir],
+        "config.json a directory: report": ["report", run_dir],
+    })
+    return result
+
+
+def refused_options(bench: Bench) -> list[Outcome]:
+    """Options a run cannot honour, refused before work (and a model too big for the device)."""
+    w = bench.work
+    (w / "oom.py").write_text(test_source("OOM_FACTORY"))
+    out = w / "options-out"
+    run = ["run", *SMALL, "--samplers", "euler", "--out", out]
+    cases = {
+        "--metric-option bootstrap=-5": [*run, "--metric-option", "bootstrap=-5"],
+        "--metric-option bootstrap=1": [*run, "--metric-option", "bootstrap=1"],
+        "--metric-option bootstrap=x": [*run, "--metric-option", "bootstrap=x"],
+        "--repeats 100000000": [*run, "--repeats", "100000000"],
+        "--batch-size 0": [*run, "--batch-size", "0"],
+        "--threads 0": [*run, "--threads", "0"],
+        "--tolerance fd:rel=nan": ["compare", w / "binary.json", w / "binary.json",
+                                   "--tolerance", "fd:rel=nan"],
+        "forward pass out of memory": ["run", "--model", f"factory:{w / 'oom.py'}:build", "--metrics", "rmse",
+                                       "--nfe", "2", "--samplers", "euler", "--num-samples", "8", "--quiet",
+                                       "--out", out],
+    }
+    return refused(bench, "options refused", cases, out)
+
+
+def hostile_results(bench: Bench) -> list[Outcome]:
+    """Records a reader parses but a report must not render, and replicates that are not plain
+    npz: every reporter and compare exit 0 with a warning naming the file."""
+    import numpy as np
+
+    result = []
+    base = bench.work / "hostile-base"
+    bench("run", *SMALL, "--samplers", "euler,heun", "--nfe", "4", "--out", base)
+    good = records(base)[0]
+    fd = good["metrics"]["fd"]
+    changes = {
+        "metric std negative": {"metrics": {"fd": {**fd, "std": -1.0}}},
+        "metric std -inf": {"metrics": {"fd": {**fd, "std": float("-inf")}}},
+        "nfe 10**30": {"nfe": 10**30},
+        "metric value true": {"metrics": {"fd": {**fd, "value": True}}},
+        "metric value 1.7e308": {"metrics": {"fd": {**fd, "value": 1.7e308}}},
+        "wall_s NaN": {"wall_s": float("nan")},
+        "floor value inf": {"floor": {"fd": {"value": float("inf"), "std": 0.1}}},
+    }
+    for i, (name, change) in enumerate(changes.items()):
+        run_dir = bench.work / f"hostile-record-{i}"
+        bench("run", *SMALL, "--samplers", "euler,heun", "--nfe", "4", "--out", run_dir)
+        with open(run_dir / "results.jsonl", "a") as f:
+            f.write(json.dumps({**good, **change, "cell_id": "hostile"}) + "\n")
+        result.append(renders(bench, "hostile results", name, run_dir, compare=True))
+    spoilers = {"replicates cut short": lambda p: p.write_bytes(p.read_bytes()[:100]),
+                "replicates pickled": lambda p: np.savez(p, fd=np.array([{"x": 1}], dtype=object))}
+    for name, spoil in spoilers.items():
+        run_dir = bench.work / ("spoilt-" + name.split()[-1])
+        bench("run", *SMALL, "--samplers", "euler,heun", "--nfe", "4", "--out", run_dir)
+        spoil(sorted((run_dir / "replicates").iterdir())[0])
+        result.append(renders(bench, "hostile results", name, run_dir, compare=True))
+    return result
+
+
+def renders(bench: Bench, kind: str, name: str, run_dir: Path, compare: bool = False) -> Outcome:
+    """`bench report` with every reporter (and `bench compare` of the run with itself): exit 0,
+    no traceback, a warning naming what was skipped."""
+    report = bench("report", run_dir, "--report", "console,csv,markdown,html,verdict")
+    both = report.stderr
+    codes = [report.returncode]
+    if compare:
+        again = bench("compare", run_dir, run_dir)
+        both += again.stderr
+        codes.append(again.returncode)
+    if "Traceback" in both:
+        return Outcome(kind, name, "traceback", both.strip().splitlines()[-1][:160])
+    if any(codes) or "warning:" not in report.stderr:
+        return Outcome(kind, name, "wrong", f"exit {codes}: {both.strip()[-160:]}")
+    return Outcome(kind, name, "clean", next(x for x in report.stderr.splitlines() if "warning:" in x)[:160])
+
+
+def escaping(bench: Bench) -> list[Outcome]:
+    """A method name and a metric title from a results file that try to act: a terminal escape
+    sequence, a table closed and a heading or script opened in report.md and report.html."""
+    run_dir = bench.work / "escaping"
+    bench("run", *SMALL, "--samplers", "euler", "--out", run_dir)
+    record = records(run_dir)[0]
+    record.update(method="x\x1b[2J|</table>\n## <script>alert(1)</script>", cell_id="hostile")
+    record["metrics"]["fd"]["title"] = "FD\n# <img src=x onerror=alert(1)>"
+    with open(run_dir / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    proc = bench("report", run_dir, "--report", "console,markdown,html")
+    md = (run_dir / "report.md").read_text()
+    html = (run_dir / "report.html").read_text()
+    checks = {
+        "console: no raw escape sequence": "\x1b[2J" not in proc.stdout and "\\x1b[2J" in proc.stdout,
+        "report.md: no raw HTML": "<script>" not in md and "<img" not in md,
+        "report.md: no injected heading": not any(x.startswith(("# <", "## <", "## &lt;", "# &lt;"))
+                                                    for x in md.splitlines()),
+        "report.html: no raw HTML": "<script>" not in html and "<img src=x" not in html,
+    }
+    out = []
+    for name, ok in checks.items():
+        if "Traceback" in proc.stderr:
+            out.append(Outcome("escaping", name, "traceback", proc.stderr.strip().splitlines()[-1][:160]))
+        else:
+            out.append(Outcome("escaping", name, "clean" if ok and proc.returncode == 0 else "wrong",
+                               f"exit {proc.returncode}"))
+    return out
+
+
+def litter(bench: Bench) -> list[Outcome]:
+    """SIGKILL in the middle of each kind of atomic write (a report, a grid, replicates, the
+    samples archive) of a run that holds finished cells, then a later `bench report` and
+    `bench run`: no temporary file stays."""
+    out = []
+    cases = {"report.html": ("report.html", True, []), "results.csv": ("results.csv", True, []),
+             "sample grid": ("/samples/", False, []), "replicates": ("/replicates/", False, []),
+             "samples archive": ("/samples/", False, ["--save-samples"])}
+    for i, (name, (where, by_report, extra)) in enumerate(cases.items()):
+        run_dir = bench.work / f"killed-{i}"
+        argv = ["run", *SMALL, "--samplers", "euler,heun", "--nfe", "3,4", "--out", run_dir, *extra]
+        bench(*argv)
+        inject = {"BENCH_FAULT_PATHS": where, "BENCH_FAULT_KILL": "1"}
+        if by_report:  # the reporter killed mid-write
+            killed = bench("report", run_dir, "--report", "csv,html", inject=inject)
+        else:  # a cell run again (its record dropped), killed mid-write of its files
+            lines = (run_dir / "results.jsonl").read_bytes().splitlines(keepends=True)
+            (run_dir / "results.jsonl").write_bytes(b"".join(lines[:-1]))
+            killed = bench(*argv, inject=inject)
+        left = list(run_dir.rglob("*.tmp"))
+        report = bench("report", run_dir, "--report", "csv")
+        after_report = [p.name for p in run_dir.rglob("*.tmp")]
+        again = bench(*argv)
+        after = torn(run_dir)
+        if "Traceback" in report.stderr + again.stderr:
+            verdict, detail = "traceback", (report.stderr + again.stderr).strip().splitlines()[-1][:160]
+        elif killed.returncode != -9 or not left:
+            verdict, detail = "wrong", f"no kill mid-write (exit {killed.returncode}, {len(left)} tmp)"
+        elif after_report or after or again.returncode != 0 or len(records(run_dir)) != 4:
+            verdict, detail = "wrong", f"left {after_report or after}, exit {again.returncode}"
+        else:
+            verdict, detail = "clean", f"{len(left)} temporary file(s) after the kill, none after report, run"
+        out.append(Outcome("litter after a kill", name, verdict, detail))
+    return out
+
+
+def merges(bench: Bench) -> list[Outcome]:
+    """`bench merge` killed midway, rerun, and aimed at a directory a run is writing."""
+    shards = [bench.work / "shard0", bench.work / "shard1"]
+    for i, shard in enumerate(shards):
+        bench("run", *SMALL, "--samplers", "euler,heun", "--nfe", "3,4", "--shard", f"{i}/2", "--out", shard)
+    total = sum(len(records(s)) for s in shards)
+    merged = bench.work / "merged"
+    out = []
+    killed = bench("merge", *shards, "--out", merged, "--report", "csv",
+                   inject={"BENCH_FAULT_PATHS": "merged/results.jsonl", "BENCH_FAULT_KILL": "2"})
+    report = bench("report", merged)
+    verdict, detail = classify_error(report)
+    if killed.returncode != -9:
+        verdict, detail = "wrong", f"the kill did not land (exit {killed.returncode})"
+    out.append(Outcome("merge", "report of a killed merge", verdict, detail))
+    again = bench("merge", *shards, "--out", merged, "--report", "csv")
+    got = records(merged)
+    if "Traceback" in again.stderr:
+        verdict, detail = "traceback", again.stderr.strip().splitlines()[-1][:160]
+    elif again.returncode != 0 or len(got) != total or torn(merged):
+        verdict, detail = "lost", f"exit {again.returncode}, {len(got)} of {total} records, {torn(merged)}"
+    else:
+        verdict, detail = "clean", f"rerun completed it: {len(got)} records"
+    out.append(Outcome("merge", "the same merge rerun", verdict, detail))
+    busy = bench.work / "busy-merge"
+    first, _ = busy_writer(bench, busy)
+    proc = bench("merge", *shards, "--out", busy)
+    first.wait(timeout=300)
+    verdict, detail = classify_error(proc)
+    mixed = {r.get("num_samples") for r in records(busy)}
+    if verdict == "clean" and (len(records(busy)) != 2 or len(mixed) != 1):
+        verdict, detail = "lost", f"{len(records(busy))} records, sample counts {mixed}"
+    out.append(Outcome("merge", "merge into a directory a run is writing", verdict, detail))
+    return out
+
+
+def process_enders(bench: Bench) -> list[Outcome]:
+    """Plugins that would end the process: sys.exit and KeyboardInterrupt at import fail that
+    plugin; a sampler's KeyboardInterrupt and a sampler that skips its calls fail their cell."""
+    site = bench.work / "enders"
+    site.mkdir(exist_ok=True)
+    install(site, "bench-ends", test_source("ENDS"))
+    install(site, "bench-interrupts", test_source("INTERRUPTS"))
+    install(site, "bench-short", test_source("SHORT"))
+    env = {**bench.env, "PYTHONPATH": os.pathsep.join([str(site), bench.env.get("PYTHONPATH", "")])}
+    enders = Bench(bench.work, env)
+    out = []
+    for name, argv in {"sys.exit(5) at import: bench list": ["list", "models"],
+                       "KeyboardInterrupt at import: bench plugins": ["plugins"]}.items():
+        proc = enders(*argv)
+        shown = "plugins" not in argv or ("bench-ends" in proc.stdout and "bench-interrupts" in proc.stdout)
+        if "Traceback" in proc.stderr:
+            verdict, detail = "traceback", proc.stderr.strip().splitlines()[-1][:160]
+        elif proc.returncode != 0 or not shown:
+            verdict, detail = "wrong", f"exit {proc.returncode}: {proc.stderr.strip()[-160:]}"
+        else:
+            verdict, detail = "clean", "exit 0, the plugin's error shown by bench plugins"
+        out.append(Outcome("plugins that end the process", name, verdict, detail))
+    run_dir = bench.work / "enders-run"
+    proc = enders("run", *SMALL, "--samplers", "f-lazy,f-interrupts,euler", "--out", run_dir)
+    by = {r.get("sampler"): r for r in records(run_dir)}
+    for sampler, says in {"f-interrupts": "KeyboardInterrupt raised by plugin code",
+                          "f-lazy": "planner promised 3 NFE, sampler spent 0"}.items():
+        mine = by.get(sampler, {})
+        if "Traceback" in proc.stderr:
+            verdict, detail = "traceback", proc.stderr.strip().splitlines()[-1][:160]
+        elif by.get("euler", {}).get("status") != "ok":
+            verdict, detail = "lost", f"euler: {by.get('euler', {}).get('status')} (exit {proc.returncode})"
+        elif proc.returncode != 1 or mine.get("status") != "failed" or says not in mine.get("reason", ""):
+            verdict, detail = "wrong", f"exit {proc.returncode}, {sampler}: {mine.get('status')}"
+        else:
+            verdict, detail = "clean", mine["reason"][:160]
+        out.append(Outcome("plugins that end the process", sampler, verdict, detail))
+    return out
+
+
 # --- The matrix ----------------------------------------------------------------------------
 
 VERDICTS = ("clean", "traceback", "wrong", "lost")
@@ -383,6 +685,14 @@ def main(argv: list[str] | None = None) -> int:
         ("storage faults", lambda: storage_faults(bench)),
         ("hostile files", lambda: hostile_files(bench)),
         ("bad input", lambda: bad_inputs(bench)),
+        ("comma lists", lambda: comma_lists(bench)),
+        ("OS errors", lambda: os_errors(bench)),
+        ("options refused", lambda: refused_options(bench)),
+        ("hostile results", lambda: hostile_results(bench)),
+        ("escaping", lambda: escaping(bench)),
+        ("litter after a kill", lambda: litter(bench)),
+        ("merge", lambda: merges(bench)),
+        ("plugins that end the process", lambda: process_enders(bench)),
         ("multi-process", lambda: multi_process(bench, args.torchrun_runs)),
     ]
     outcomes: list[Outcome] = []

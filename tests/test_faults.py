@@ -327,3 +327,253 @@ def test_a_read_only_out_is_refused_before_work(tmp_path, capsys):
         pytest.skip("no read-only directory to try here")
     code, err = bench(capsys, "run", *SMALL, "--samplers", "euler", "--out", read_only)
     one_line_exit_2(code, err, "is not writable")
+
+
+# --- The edges: one test per class of the second fault matrix --------------------------------
+
+
+def test_empty_items_in_comma_lists_are_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    run = ["run", "--model", "mixture", "--metrics", "fd", "--num-samples", "8", "--quiet", "--out", out]
+    cases = [
+        (["--nfe", "5,,10", "--samplers", "euler"], "--nfe '5,,10' has an empty item"),
+        (["--nfe", "5,", "--samplers", "euler"], "--nfe '5,' has an empty item"),
+        (["--nfe", "3", "--samplers", "euler,,heun"], "--samplers 'euler,,heun' has an empty item"),
+        (["--nfe", "", "--samplers", "euler"], "--nfe is empty"),
+        (["--nfe", "3", "--samplers", "euler", "--schedule", ""], "--schedule is empty"),
+        (["--nfe", "3", "--samplers", "euler", "--model", ""], "--model is empty"),
+        (["--nfe", "3", "--samplers", "euler", "--modifiers", ""], "--modifiers is empty"),
+        (["--nfe", "3", "--samplers", "euler", "--metrics", ""], "--metrics is empty"),
+    ]
+    for extra, says in cases:
+        code, err = bench(capsys, *run, *extra)
+        one_line_exit_2(code, err, says)
+        assert not out.exists() or not any(out.iterdir()), (extra, list(out.iterdir()))
+    # the directory is still free: a good run into it is no "another sweep"
+    assert bench(capsys, *run, "--nfe", "3", "--samplers", "euler")[0] == 0
+
+
+def test_os_errors_are_one_line_saying_what_to_do(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    code, err = bench(capsys, "fit", "--samplers", "amed-plugin-euler", "--nfe", "5", "--model", "mixture",
+                      "--out", a_file)
+    one_line_exit_2(code, err, "is a file, not a directory")
+    long = tmp_path / ("x" * 300)
+    code, err = bench(capsys, "run", *SMALL, "--samplers", "euler", "--out", long)
+    one_line_exit_2(code, err, "File name too long")
+    out = tmp_path / "run"
+    assert bench(capsys, "run", *SMALL, "--samplers", "euler", "--out", out)[0] == 0
+    (out / "config.json").unlink()
+    (out / "config.json").mkdir()
+    for argv in (["run", *SMALL, "--samplers", "euler", "--out", out], ["report", out]):
+        code, err = bench(capsys, *argv)
+        one_line_exit_2(code, err, "config.json is corrupt (a directory, not a file); delete it")
+
+
+OOM_FACTORY = """
+import torch
+from bench.adapters import Preconditioned
+
+
+class Net(torch.nn.Module):
+    def forward(self, x, c_noise):
+        if len(x) > 1:  # a batch this device cannot hold
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return torch.zeros_like(x)
+
+
+def build():
+    return Preconditioned(Net(), "edm", (1, 8, 8))
+"""
+
+
+def test_options_the_run_cannot_honour_are_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    run = ["run", *SMALL, "--samplers", "euler", "--out", out]
+    for extra, says in [(["--metric-option", "bootstrap=-5"], "bootstrap=-5: give B"),
+                        (["--metric-option", "bootstrap=1"], "bootstrap=1: give B"),
+                        (["--repeats", "100000000"], "--repeats: '100000000' is not an integer from 1 to")]:
+        start = time.perf_counter()
+        one_line_exit_2(*bench(capsys, *run, *extra), says)
+        assert time.perf_counter() - start < 10
+    factory = tmp_path / "oom.py"
+    factory.write_text(OOM_FACTORY)
+    code, err = bench(capsys, "run", "--model", f"factory:{factory}:build", "--metrics", "rmse", "--nfe", "2",
+                      "--samplers", "euler", "--num-samples", "8", "--quiet", "--out", out)
+    one_line_exit_2(code, err, "cannot allocate its memory")
+    assert "lower --batch-size" in err and not (out / "config.json").exists()
+
+
+def hostile_records(good: dict) -> list[dict]:
+    """Records a reader could parse but a report must not render: each changes a good one."""
+    fd = good["metrics"]["fd"]
+    changes = [
+        {"metrics": {"fd": {**fd, "std": -1.0}}},
+        {"metrics": {"fd": {**fd, "std": float("-inf")}}},
+        {"nfe": 10**30},
+        {"metrics": {"fd": {**fd, "value": True}}},
+        {"metrics": {"fd": {**fd, "value": 1.7e308}}},
+        {"wall_s": float("nan")},
+        {"floor": {"fd": {"value": float("inf"), "std": 0.1}}},
+    ]
+    return [{**good, **change, "cell_id": f"bad{i}"} for i, change in enumerate(changes)]
+
+
+def test_hostile_result_files_are_skipped_by_name(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", *SMALL, "--samplers", "euler,heun", "--nfe", "4", "--out", out]
+    assert bench(capsys, *argv)[0] == 0
+    good = read_records(out / RESULTS)[0]
+    with open(out / RESULTS, "a") as f:
+        for record in hostile_records(good):
+            f.write(json.dumps(record) + "\n")
+    code, err = bench(capsys, "report", out, "--report", "console,csv,markdown,html,verdict")
+    assert code == 0 and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.startswith("warning:")]) == 7, err
+    verdict = json.loads((out / "verdict.json").read_text())["verdicts"][0]
+    assert set(verdict["methods"]) == {"euler", "heun"}
+    # Replicates cut short, or pickled: the file is named, every reporter and compare still work
+    reps = sorted((out / "replicates").iterdir())
+    reps[0].write_bytes(reps[0].read_bytes()[:100])
+    import numpy as np
+
+    np.savez(reps[1], fd=np.array([{"x": 1}], dtype=object))
+    code, err = bench(capsys, "report", out, "--report", "console,csv,markdown,html,verdict")
+    assert code == 0 and "Traceback" not in err, err
+    assert f"warning: {reps[0].resolve()} replicates skipped" in err and str(reps[1].resolve()) in err, err
+    capsys.readouterr()
+    assert main(["compare", str(out), str(out)]) == 0
+    # A --ref-stats file with pickled content is refused in one line (read before any Inception pass)
+    from bench.errors import UsageError
+    from bench.fidelity import _npz_stats
+
+    pickled = tmp_path / "ref.npz"
+    np.savez(pickled, mu=np.array([{"x": 1}], dtype=object), sigma=np.zeros(2))
+    with pytest.raises(UsageError, match="is not a plain .npz of numbers"):
+        _npz_stats(pickled)
+
+
+def test_names_from_files_are_escaped_in_markdown_and_on_the_console(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert bench(capsys, "run", *SMALL, "--samplers", "euler", "--out", out)[0] == 0
+    (record,) = read_records(out / RESULTS)
+    hostile = "x\x1b[2J|</table>\n## <script>alert(1)</script>"
+    record.update(method=hostile, cell_id="hostile")
+    record["metrics"]["fd"]["title"] = "FD\n# <img src=x onerror=alert(1)>"
+    with open(out / RESULTS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    capsys.readouterr()
+    assert main(["report", str(out), "--report", "console,markdown,html"]) == 0
+    console = capsys.readouterr().out
+    assert "\x1b[2J" not in console and "\\x1b[2J" in console
+    md = (out / "report.md").read_text()
+    assert "<script>" not in md and "<img" not in md and "&lt;script&gt;" in md
+    assert not any(line.startswith(("## <", "# <", "## &lt;")) for line in md.splitlines()), md
+    html = (out / "report.html").read_text()
+    assert "<script>" not in html and "<img src=x" not in html
+
+
+def test_temporary_files_of_killed_writers_are_swept(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    assert bench(capsys, "run", *SMALL, "--samplers", "euler", "--out", out)[0] == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    litter = [out / f".report.html.{dead}.0a1b2c3d.tmp", out / "samples" / f".x.png.{dead}.0a1b2c3d.tmp",
+              out / "replicates" / f".x.npz.{dead}.0a1b2c3d.tmp", out / "samples" / f".x.npz.{dead}.tmp"]
+    live = out / f".results.csv.{os.getpid()}.0a1b2c3d.tmp"  # a writer still running keeps its file
+    for path in [*litter, live]:
+        path.write_bytes(b"half")
+    assert bench(capsys, "report", out, "--report", "csv")[0] == 0
+    assert not any(p.exists() for p in litter) and live.exists()
+    for path in litter:
+        path.write_bytes(b"half")
+    assert bench(capsys, "run", *SMALL, "--samplers", "euler", "--out", out)[0] == 0
+    assert not any(p.exists() for p in litter)
+
+
+def test_merge_writes_as_run_does(tmp_path, capsys):
+    shards = [tmp_path / "s0", tmp_path / "s1"]
+    for i, shard in enumerate(shards):
+        assert bench(capsys, "run", *SMALL, "--samplers", "euler,heun", "--nfe", "3,4", "--shard", f"{i}/2",
+                     "--out", shard)[0] == 0
+    merged = tmp_path / "all"
+    # An interrupted merge (its config still says merging, two records in) is never read as a run
+    assert bench(capsys, "merge", *shards, "--out", merged, "--report", "csv")[0] == 0
+    full = read_records(merged / RESULTS)
+    assert len(full) == 4 and all((merged / r["replicates"]).is_file() for r in full)
+    config = json.loads((merged / "config.json").read_text())
+    (merged / "config.json").write_text(json.dumps({**config, "merging": True}))
+    lines = (merged / RESULTS).read_bytes().splitlines(keepends=True)
+    (merged / RESULTS).write_bytes(b"".join(lines[:2]))
+    one_line_exit_2(*bench(capsys, "report", merged), "did not finish; rerun the same bench merge")
+    assert bench(capsys, "merge", *shards, "--out", merged, "--report", "csv")[0] == 0
+    assert [r["cell_id"] for r in read_records(merged / RESULTS)] == [r["cell_id"] for r in full]
+    # A merge into a directory a run is writing is refused, and changes nothing there
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    fd = os.open(busy / LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"4242\n")
+        one_line_exit_2(*bench(capsys, "merge", *shards, "--out", busy), "another bench run (pid 4242)")
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in busy.iterdir()) == [LOCK]
+
+
+ENDS = """
+import sys
+sys.exit(5)
+"""
+INTERRUPTS = """
+raise KeyboardInterrupt
+"""
+SHORT = """
+import torch
+from bench import Plan, Sampler, hookimpl
+
+
+def plan(nfe, options):
+    return Plan(steps=nfe, nfe=nfe)
+
+
+def lazy(model, x, sigmas, **_):
+    return x  # spends none of its calls and returns the noise
+
+
+def interrupts(model, x, sigmas, **_):
+    raise KeyboardInterrupt
+
+
+@hookimpl
+def register_samplers(register):
+    register(Sampler("f-lazy", lazy, plan, "NFE = steps", "spends no calls"))
+    register(Sampler("f-interrupts", interrupts, plan, "NFE = steps", "raises KeyboardInterrupt"))
+"""
+
+
+def test_plugins_never_end_the_host(plugin_site, tmp_path, capsys):
+    plugin_site("bench-ends", ENDS)
+    plugin_site("bench-interrupts", INTERRUPTS)
+    plugin_site("bench-short", SHORT)
+    capsys.readouterr()
+    assert main(["plugins", "--json"]) == 0
+    errors = {p["dist"]: p["error"] for p in json.loads(capsys.readouterr().out)}
+    assert errors["bench-ends"] == "import failed: SystemExit: plugin code called sys.exit(5)"
+    assert errors["bench-interrupts"] == "import failed: KeyboardInterrupt: "
+    assert errors["bench-short"] is None
+    out = tmp_path / "run"
+    code, err = bench(capsys, "run", *SMALL, "--samplers", "f-lazy,f-interrupts,euler", "--out", out)
+    assert code == 1 and "2 of 3 cells failed" in err, err
+    by = {r["sampler"]: r for r in read_records(out / RESULTS)}
+    assert by["f-lazy"]["status"] == "failed"
+    assert "planner promised 3 NFE, sampler spent 0" in by["f-lazy"]["reason"]
+    assert by["f-interrupts"]["status"] == "failed" and "KeyboardInterrupt raised by plugin code" in \
+        by["f-interrupts"]["reason"]
+    assert by["euler"]["status"] == "ok"
+    verdict = json.loads((out / "verdict.json").read_text()) if (out / "verdict.json").exists() else None
+    assert verdict is None or all("f-lazy" not in v["methods"] for v in verdict["verdicts"])

@@ -16,7 +16,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench import DEFAULT_MODEL, CellSpec, Infeasible, Method, Spec, UsageError, build, load_model, parse_nfe
+from bench import (
+    DEFAULT_MODEL,
+    CellSpec,
+    Infeasible,
+    Method,
+    Spec,
+    UsageError,
+    build,
+    load_model,
+    parse_nfe,
+    writable_dir,
+)
 
 from .samplers import BASES
 
@@ -44,6 +55,8 @@ def cmd_fit(registry, args: argparse.Namespace) -> int:
     model = args.model or DEFAULT_MODEL
     schedule = None if args.schedule == "default" else Spec.parse(args.schedule)
     jobs = [(s, n) for s in amed_samplers(registry, args.samplers) for n in parse_nfe(args.nfe)]
+    if args.out is not None:
+        writable_dir(args.out)  # a file there, or no write permission: one line before any fit
     denoiser = load_model(model, args.device, registry=registry)
     table = Table(title=f"AMED predictors for {model}", title_justify="left")
     for col in ("sampler", "NFE", "predictor", "source", "fit NFE", "fit s", "file"):

@@ -107,8 +107,11 @@ def test_bench_list_shows_every_nfe_rule(registry, capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     for name in samplers_of("bench-classic"):
         sampler = registry.get("samplers", name)
-        # The sampler's table row: from its name to the next rule line
-        start = next(i for i, line in enumerate(lines) if f" {name} " in line)
-        end = next(i for i in range(start + 1, len(lines)) if lines[i][:1] in "├└")
-        assert sampler.nfe_rule in lines[start]
-        assert sampler.default_schedule in " ".join(lines[start:end])
+        # The sampler's row: one line, its name first
+        (row,) = [line for line in lines if line.split()[:1] == [name]]
+        assert sampler.nfe_rule in row and f" {sampler.default_schedule} " in row
+        # Named, the sampler is shown whole: its rule and every option with its default
+        assert cli.main(["list", "samplers", name]) == 0
+        shown = capsys.readouterr().out
+        assert sampler.nfe_rule in shown.replace("\n", " ") or sampler.nfe_rule[:40] in shown
+        assert all(f"  {k} = {v!r}" in shown for k, v in sampler.options.items())

@@ -18,13 +18,16 @@ from rich.table import Table
 
 from bench import (
     DEFAULT_MODEL,
+    CellSpec,
     CountingDenoiser,
     Infeasible,
+    Method,
     Spec,
     UsageError,
     load_model,
     parse_nfe,
-    resolve_options,
+    resolve,
+    writable_dir,
 )
 
 from . import search
@@ -44,47 +47,42 @@ def specs(text: str, what: str) -> list[Spec]:
 def cmd_search(registry, args: argparse.Namespace) -> int:
     """Search (or find) each schedule x sampler x budget, as a cell's build would."""
     model = args.model or DEFAULT_MODEL
+    if args.out is not None:
+        writable_dir(args.out, "--out")  # a file there, or no write permission: one line before any search
     denoiser = load_model(model, args.device, registry=registry)
     table = Table(title=f"learned schedules for {model}", title_justify="left")
     for col in ("schedule", "sampler", "NFE", "solver", "source", "calls", "s", "sigmas"):
         table.add_column(col, overflow="fold")
     for sched in specs(args.schedules, "schedules"):
-        if registry.get("schedules", sched.name).name not in OURS:
-            raise UsageError(f"'{sched.name}' is not searched; learned schedules: {', '.join(OURS)}")
         schedule = registry.get("schedules", sched.name)
-        options = resolve_options("schedule", schedule.name, schedule.options, dict(sched.options))
+        if schedule.name not in OURS:
+            raise UsageError(f"'{sched.name}' is not searched; learned schedules: {', '.join(OURS)}")
         for sampler_spec in specs(args.samplers, "samplers"):
-            sampler = registry.get("samplers", sampler_spec.name)
-            given = resolve_options("sampler", sampler.name, sampler.options, dict(sampler_spec.options))
             for nfe in parse_nfe(args.nfe):
+                # The cell's recipe, as `bench run` resolves it: options, plan, the search's key
                 try:
-                    plan = sampler.plan(nfe, given)
+                    recipe = resolve(registry, CellSpec(model, Method(sampler_spec, sched), nfe))
                 except Infeasible as exc:
-                    table.add_row(str(sched), sampler.name, str(nfe), "", f"infeasible: {exc}", "", "", "")
+                    table.add_row(str(sched), sampler_spec.name, str(nfe), "", f"infeasible: {exc}",
+                                  "", "", "")
                     continue
-                cell = {
-                    "model": model,
-                    "sampler": sampler.name,
-                    "sampler_options": {**given, **plan.options},
-                    "nfe": nfe,
-                }
                 counter, start = CountingDenoiser(denoiser), time.perf_counter()
                 sigmas, info = search.fit(
                     schedule.name,
-                    plan.steps,
+                    recipe.plan.steps,
                     denoiser.sigma_min,
                     denoiser.sigma_max,
-                    to_zero=plan.to_zero,
+                    to_zero=recipe.plan.to_zero,
                     denoiser=counter,
                     device=args.device,
-                    cell=cell,
+                    cell=recipe.fit_cell(),
                     force=args.force,
                     out=args.out,
-                    **options,
+                    **recipe.schedule_options,
                 )
                 table.add_row(
                     str(sched),
-                    sampler.name,
+                    recipe.sampler.name,
                     str(nfe),
                     info.get("search_solver", ""),
                     info["source"],
