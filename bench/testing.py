@@ -73,10 +73,10 @@ from .seeding import SampleNoise
 from .sources.edm import EDMNetwork
 
 __all__ = [
-    "Case", "Solved", "check_batch_invariance", "check_convergence", "check_determinism", "check_modifier",
-    "check_moments", "check_nfe", "check_planner", "check_protocol", "check_sampler", "check_schedule",
-    "check_shapes", "ode_error", "registered_by", "registry", "samplers_of", "schedules_of",
-    "single_threaded", "solve",
+    "BUDGETS", "SEED", "SHAPE", "Case", "Solved", "check_batch_invariance", "check_convergence",
+    "check_determinism", "check_modifier", "check_moments", "check_nfe", "check_planner", "check_protocol",
+    "check_sampler", "check_schedule", "check_shapes", "ode_error", "registered_by", "registry",
+    "samplers_of", "schedules_of", "single_threaded", "solve",
     # what a plugin's tests build on
     "EDMNetwork", "UNet", "UNetConfig", "console_width", "digits_features", "digits_images",
     "digits_reference_features", "gaussian", "load_registry", "methods_from", "mixture", "parse_command",
