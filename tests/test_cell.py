@@ -216,7 +216,7 @@ def test_public_names_resolve():
 
 
 def test_seed_blocks_are_disjoint_and_explicit_ranges_work():
-    from bench.api import config_from
+    from bench.config import config_from
 
     registry = bench.registry()
     blocks = [config_from(registry, model="mixture", samplers="euler", num_samples=256, seed=k)
