@@ -37,7 +37,7 @@ _EXPORTS = {
     ),
     **dict.fromkeys(("Spec", "cast_like", "digest", "parse_pairs", "resolve_options"), "options"),
     **dict.fromkeys(("CellSpec", "Method", "Recipe", "Solve", "build", "load_model", "resolve"), "cell"),
-    **dict.fromkeys(("deferred", "registry"), "plugins"),
+    **dict.fromkeys(("deferred", "register_all", "registry"), "plugins"),
     **dict.fromkeys(("DEFAULTS", "DEFAULT_MODEL", "RunConfig", "parse_nfe"), "config"),
     **dict.fromkeys(("load", "run"), "api"),
     "Run": "rundir",

@@ -29,7 +29,7 @@ BENCH = [
     # one cell: its identity, recipe and solve
     "CellSpec", "Method", "Recipe", "Solve", "build", "load_model", "resolve",
     # plugins
-    "deferred", "registry",
+    "deferred", "register_all", "registry",
     # runs, their directories and analysis
     "DEFAULTS", "DEFAULT_MODEL", "RunConfig", "parse_nfe", "load", "run", "Run", "Analysis", "analyse",
     "Bootstrapped",
