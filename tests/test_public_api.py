@@ -42,7 +42,7 @@ BENCH = [
 # The public modules' names the README documents
 MODULES = {
     "bench.solvers": ["ADAMS_BASHFORTH", "afs_d", "dpmpp_step", "euler_step", "heun_step", "plan_steps",
-                      "switch", "to_d"],
+                      "switch", "to_d", "unipc_coefficients"],
     "bench.adapters": ["DiscreteVP", "Flow", "Preconditioned"],
     "bench.errors": ["BenchError", "BudgetExceeded", "Infeasible", "ModelLoadError", "NotApplicable",
                      "PluginError", "UsageError"],
