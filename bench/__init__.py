@@ -1,8 +1,9 @@
 """sampler-bench: benchmark diffusion samplers by quality, counted NFE and wall-clock.
 
 The public API is what this package exports (see `__all__`), plus the modules
-`bench.solvers` (pieces samplers share), `bench.testing` (the conformance kit) and
-`bench.errors`. Plugins import nothing else. Names load on first use, so that
+`bench.solvers` (pieces samplers share), `bench.adapters` (networks as Denoisers),
+`bench.testing` (the conformance kit), `bench.errors` and `bench.cli.main` (the command
+line as a function). Plugins import nothing else. Names load on first use, so that
 `bench --help` and `import bench` in a plugin's entry module cost no torch import.
 
     import bench
@@ -37,7 +38,7 @@ _EXPORTS = {
     ),
     **dict.fromkeys(("Spec", "cast_like", "digest", "parse_pairs", "resolve_options"), "options"),
     **dict.fromkeys(("CellSpec", "Method", "Recipe", "Solve", "build", "load_model", "resolve"), "cell"),
-    **dict.fromkeys(("deferred", "registry"), "plugins"),
+    **dict.fromkeys(("deferred", "register_all", "registry"), "plugins"),
     **dict.fromkeys(("DEFAULTS", "DEFAULT_MODEL", "RunConfig", "parse_nfe"), "config"),
     **dict.fromkeys(("load", "run"), "api"),
     "Run": "rundir",

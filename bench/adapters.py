@@ -4,6 +4,9 @@ Karras et al. (2022), Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)
 `Preconditioned` covers continuous-time EDM, VP and VE networks; `DiscreteVP` covers
 DDPM-style networks on integer timesteps with alphas_cumprod (eps, v or x0 prediction);
 `Flow` covers flow-matching (rectified flow) networks on x_t = (1 - t) x0 + t eps.
+
+A public module: a plugin's model source (`bench.ModelSource`) or a factory adapts its
+network with these, as the built-in sources do.
 """
 
 from __future__ import annotations

@@ -8,23 +8,23 @@ directory is `frame.attrs["run_dir"]`. The command line builds its run the same 
 
 from __future__ import annotations
 
+import importlib
+import warnings
 from pathlib import Path
 from typing import Any
 
-# Where these lived before bench.config (0.2); kept importable from here
-from .config import (  # noqa: F401
-    DEFAULT_MODEL,
-    DEFAULT_REPORTERS,
-    DEFAULTS,
-    config_from,
-    methods_from,
-    metric_options,
-    parse_nfe,
-    parse_seeds,
-    prompt_set_digest,
-    seconds,
-    split_specs,
-)
+# Deprecated since 0.3: the configuration's names lived here before bench.config; they still
+# import from here, with a DeprecationWarning, until 0.4 (public ones from bench itself)
+MOVED = ("DEFAULT_MODEL", "DEFAULT_REPORTERS", "DEFAULTS", "config_from", "methods_from", "metric_options",
+         "parse_nfe", "parse_seeds", "prompt_set_digest", "seconds", "split_specs")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in MOVED:
+        raise AttributeError(f"module 'bench.api' has no attribute '{name}'")
+    new = f"bench.{name}" if name in ("DEFAULT_MODEL", "DEFAULTS", "parse_nfe") else f"bench.config.{name}"
+    warnings.warn(f"bench.api.{name} is deprecated since 0.3; use {new}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(".config", __package__), name)
 
 
 def run(**options: Any):
@@ -33,7 +33,7 @@ def run(**options: Any):
     Reporters named by `report` render as on the command line (`report=""` for none)."""
     from rich.console import Console
 
-    from .config import comma_list
+    from .config import DEFAULT_REPORTERS, comma_list, config_from
     from .plugins import registry
     from .rundir import Run
     from .runner import run as run_grid

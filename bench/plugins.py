@@ -246,3 +246,22 @@ def deferred(target: str):
         return getattr(importlib.import_module(module), name)(registry, args)
 
     return run
+
+
+def register_all(target: str):
+    """A `register_*` hook that imports `module:NAME` only when the hook runs and registers
+    each item of it (a list, or a function that returns one), so that a plugin's entry module
+    registers without importing torch (`bench --help` loads every plugin), as `deferred` does
+    for a command: `register_samplers = bench.register_all("pkg.catalog:SAMPLERS")`."""
+    import importlib
+
+    from . import hookimpl
+
+    module, _, name = target.partition(":")
+
+    def register_each(register: Any) -> None:
+        items = getattr(importlib.import_module(module), name)
+        for item in items() if callable(items) else items:
+            register(item)
+
+    return hookimpl(register_each)

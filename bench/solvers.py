@@ -111,6 +111,22 @@ def dpmpp_step(
     return combine(a, x, b, ms)
 
 
+def unipc_coefficients(h: float | Tensor, order: int, variant: str) -> tuple[Any, Any, list[Any]]:
+    """UniPC's coefficients for a step of log-sigma length h (Zhao et al. 2023, Sec. 3.3):
+    h phi_1(-h) = e^(-h) - 1, B(h) (-h for bh1, e^(-h) - 1 for bh2) and the right-hand side
+    b_k = k! (-h) phi_(k+1)(-h) / B(h), k = 1..order, of its order conditions R rho = b."""
+    hh = -h
+    h_phi_1 = _expm1(hh)
+    b_h = hh if variant == "bh1" else _expm1(hh)
+    # The h phi_k(-h) recursion
+    h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return h_phi_1, b_h, b
+
+
 def heun_step(model, x: Tensor, sigma: float, sigma_next: float, denoised: Tensor | None = None) -> Tensor:
     """One step of Heun's method (EDM Algorithm 1): Euler, then the trapezoidal correction,
     which the step to sigma = 0 skips (EDM's final Euler step); 2 calls, 1 to 0."""

@@ -30,13 +30,29 @@ Gaussian (`bench.models.gaussian`), whose probability-flow ODE has a closed-form
 `check_modifier` holds a modifier to the NFE counter, repeatability, batch-size invariance
 and neutral options that change nothing, on a real network (`random_unet` needs no weights).
 A failure is an AssertionError that says which check broke, for which budget, and how.
+
+What a plugin's own tests build on, beside the checks (the rest of what they need is in
+`bench`: a cell is `bench.CellSpec`, its recipe `bench.resolve`, its solve `bench.build`):
+
+- models: the analytic `gaussian` and `mixture` (exact denoisers, `gaussian`'s ODE solved
+  in closed form), `random_unet` and the digits `UNet` / `UNetConfig` architecture,
+  `EDMNetwork` (EDM's preconditioned networks as a Denoiser, as `edm:` models load them);
+- `reference_solve`: a converged solve of a model's probability-flow ODE (the `rmse` metric's);
+- the digits feature space of `fid-digits` / `kid-digits`: `digits_images`, `to_uint8`,
+  `digits_features`, `digits_reference_features`;
+- `load_registry` (a fresh registry, e.g. after installing a plugin), `methods_from` (the
+  methods of a grid, as `bench run --samplers ...` makes them), `run_records` (the records
+  of a `bench.RunConfig`, for a run the command line cannot say, e.g. with no metric);
+- commands: `parse_command` (a command line as the parser reads it, commands of plugins
+  included) and `console_width` (the width `bench.cli.main` prints its tables at).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -44,12 +60,28 @@ import torch
 from torch import Tensor
 
 from .cell import CellSpec, Method, Solve, Spec, build, load_model
+from .config import RunConfig, methods_from
 from .contracts import Denoiser, Sampler, Schedule, check_denoiser, resolve_options
+from .digits import UNet, UNetConfig
 from .errors import BudgetExceeded, Infeasible
-from .models import gaussian
+from .metrics import reference_solve
+from .models import gaussian, mixture
 from .nfe import CountingDenoiser
+from .plugins import load_registry
 from .plugins import registry as installed
 from .seeding import SampleNoise
+from .sources.edm import EDMNetwork
+
+__all__ = [
+    "BUDGETS", "SEED", "SHAPE", "Case", "Solved", "check_batch_invariance", "check_convergence",
+    "check_determinism", "check_modifier", "check_moments", "check_nfe", "check_planner", "check_protocol",
+    "check_sampler", "check_schedule", "check_shapes", "ode_error", "registered_by", "registry",
+    "samplers_of", "schedules_of", "single_threaded", "solve",
+    # what a plugin's tests build on
+    "EDMNetwork", "UNet", "UNetConfig", "console_width", "digits_features", "digits_images",
+    "digits_reference_features", "gaussian", "load_registry", "methods_from", "mixture", "parse_command",
+    "random_unet", "reference_solve", "run_records", "to_uint8",
+]
 
 SHAPE = (2, 4, 6)  # channels and a non-square image, so that hard-coded shapes show
 BUDGETS = tuple(range(1, 13))
@@ -406,7 +438,6 @@ def random_unet(seed: int = 0) -> Denoiser:
     so that the output depends on every layer."""
     from .adapters import Preconditioned
     from .digits import SHAPE as DIGITS_SHAPE
-    from .digits import UNet, UNetConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -467,3 +498,69 @@ def check_modifier(
                 assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (
                     f"{name} with {dict(neutral)} changes the model's output at sigma {sigma:.3g}"
                 )
+
+
+# --- What a plugin's tests build on -----------------------------------------------------------
+
+
+def run_records(config: RunConfig, registry: Any = None) -> list[dict[str, Any]]:
+    """Run `config` (a `bench.RunConfig`) as `bench run` runs it, into `config.out`, and return
+    the records of the cells it ran. For a run the command line cannot say (`metrics=[]`: no
+    metric at all); `bench.run(...)` and `bench.cli.main([...])` run the rest."""
+    from .runner import run
+
+    return run(registry or installed(), config)[1]
+
+
+def parse_command(argv: Sequence[str], registry: Any = None) -> Any:
+    """`argv` as `bench`'s parser reads it, every plugin's commands included: the
+    argparse.Namespace whose `func(registry, args)` runs the command (`bench.cli.main(argv)`
+    parses and runs it in one go)."""
+    from .cli import build_parser
+
+    return build_parser(registry or installed()).parse_args(list(argv))
+
+
+@contextlib.contextmanager
+def console_width(width: int = 400) -> Iterator[None]:
+    """While it is open, `bench.cli.main` prints its tables (`bench list`, `bench plugins`)
+    `width` columns wide, so that a row is one line a test can read."""
+    from .cli import _c
+
+    before = _c.out.width
+    _c.out.width = width
+    try:
+        yield
+    finally:
+        _c.out.width = before
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [-1, 1] as uint8 0..255, rounded as runs store samples and as `fid-digits`
+    reads them."""
+    from .digits_classifier import to_uint8 as convert
+
+    return convert(x)
+
+
+def digits_images() -> Tensor:
+    """scikit-learn's 1797 handwritten digits, float32 [N, 1, 8, 8] in [-1, 1]: the data the
+    digits models are fitted to."""
+    from .digits_classifier import digits
+
+    return digits()[0]
+
+
+def digits_features(images: Tensor) -> Tensor:
+    """The 64-d features of uint8 images [B, C, H, W] (H = W a multiple of 8) in the digits
+    feature space (`digits-classifier-v1`), in which `fid-digits` and `kid-digits` compare."""
+    from .digits_classifier import extract, load_net
+
+    return extract(load_net(), images)
+
+
+def digits_reference_features() -> Tensor:
+    """The shipped features of all 1797 digits, the reference of `fid-digits` and `kid-digits`."""
+    from .digits_classifier import reference_features
+
+    return reference_features()

@@ -327,7 +327,7 @@ def bad_inputs(bench: Bench) -> list[Outcome]:
         "--cell-timeout -1": [*run, "--samplers", "euler", "--cell-timeout", "-1"],
         "missing digits weights": [*run, "--samplers", "euler", "--model", f"digits:{w / 'no.safetensors'}"],
         "missing factory weights": [*run, "--samplers", "euler", "--model",
-                                    f"factory:bench.models:gaussian;weights={w / 'none.safetensors'}"],
+                                    f"factory:bench.testing:gaussian;weights={w / 'none.safetensors'}"],
         "unknown sampler": [*run, "--samplers", "eulr"],
     }
     out = []

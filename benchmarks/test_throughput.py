@@ -22,10 +22,7 @@ import os
 import pytest
 import torch
 
-from bench import DEFAULT_MODEL, load_model
-from bench.cell import make_sigmas
-from bench.nfe import CountingDenoiser
-from bench.seeding import SampleNoise
+from bench import DEFAULT_MODEL, CellSpec, Method, SampleNoise, Spec, build, load_model
 from bench.testing import Case, registry
 
 MODEL = os.environ.get("BENCH_BENCHMARK_MODEL", DEFAULT_MODEL)
@@ -47,21 +44,19 @@ def test_sampler_throughput(benchmark, denoiser, name):
     """Seconds per batch of one sampler's solve at the budget; asserts the NFE it spent."""
     case = Case.of(name)
     nfe = case.nearest(NFE, "throughput")
-    plan = case.sampler.plan(nfe, case.options)
-    sigmas = make_sigmas(case.schedule, case.schedule_options, plan, denoiser, "cpu")
-    options = {**case.options, **plan.options}
-    # The sampler's own preparation happens once, outside the timing, as in a run
-    if case.sampler.prepare is not None:
-        options |= case.sampler.prepare(CountingDenoiser(denoiser), sigmas, options)
+    # The cell as a run builds it, on the sampler's default schedule; the sampler's own
+    # preparation happens there, once, outside the timing
+    method = Method(Spec(case.name), Spec.parse(case.sampler.default_schedule))
+    cell = build(registry(), CellSpec(MODEL, method, nfe, num_samples=BATCH), denoiser, "cpu")
+    options, counted = {**cell.options, **cell.prepared}, cell.counter
     noise = SampleNoise(0, torch.arange(BATCH), tuple(denoiser.shape), "cpu")
-    x = noise() * sigmas[0]
-    counted = CountingDenoiser(denoiser, budget=nfe)
+    x = noise() * cell.sigmas[0]
 
     def solve():
         counted.reset()
         with torch.inference_mode():
-            return case.sampler.sample(counted, x, sigmas, noise=noise, **options)
+            return cell.sampler.sample(counted, x, cell.sigmas, noise=noise, **options)
 
     x0 = benchmark.pedantic(solve, rounds=20, warmup_rounds=2)
     benchmark.extra_info.update(model=MODEL, nfe=nfe, batch=BATCH, threads=THREADS, model_s=counted.model_s)
-    assert counted.nfe == plan.nfe and bool(torch.isfinite(x0).all())
+    assert counted.nfe == cell.plan.nfe and bool(torch.isfinite(x0).all())

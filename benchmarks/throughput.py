@@ -25,12 +25,10 @@ from pathlib import Path
 
 import torch
 
-from bench import DEFAULT_MODEL, Method, Spec
-from bench.api import split_specs
-from bench.contracts import resolve_options
+import bench
+from bench import DEFAULT_MODEL, CellSpec, Method, RunConfig, Spec
 from bench.errors import Infeasible
-from bench.plugins import Registry, load_registry
-from bench.runner import RunConfig, run
+from bench.testing import run_records
 
 NFE = 10
 
@@ -46,14 +44,12 @@ class Row:
     reason: str | None = None
 
 
-def budget(registry: Registry, text: str, nfe: int) -> int:
+def budget(registry, text: str, nfe: int) -> int:
     """`nfe`, or the sampler's next feasible budget (`text` is name[:key=value...])."""
-    spec = Spec.parse(text)
-    sampler = registry.get("samplers", spec.name)
-    options = resolve_options("sampler", spec.name, sampler.options, dict(spec.options))
+    method = Method(Spec.parse(text))
     for candidate in range(nfe, nfe + 4):
         try:
-            sampler.plan(candidate, options)
+            bench.resolve(registry, CellSpec("any", method, candidate))  # options, then the plan
             return candidate
         except Infeasible:
             continue
@@ -72,7 +68,7 @@ def measure(
     compile: bool = False,
 ) -> list[Row]:
     """One row per sampler: its cell at `nfe` (or the next feasible budget), no metrics."""
-    registry = load_registry()
+    registry = bench.registry()
     names = samplers or registry.names("samplers")
     by_budget: dict[int, list[str]] = {}
     for name in names:
@@ -94,7 +90,7 @@ def measure(
                 channels_last=channels_last,
                 compile=compile,
             )
-            for r in run(registry, config)[1]:
+            for r in run_records(config, registry):  # metrics=[]: no metric, which bench.run always has
                 rows[r["sampler"]] = row(r)
     return [rows[name] for name in names]
 
@@ -131,7 +127,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
-    samplers = None if args.samplers == "all" else split_specs(args.samplers)
+    samplers = None if args.samplers == "all" else [s.strip() for s in args.samplers.split(",") if s.strip()]
     rows = measure(
         args.model,
         samplers,

@@ -87,3 +87,39 @@ def test_bench_plugins_restricts_loading(plugin_site, monkeypatch):
     assert "mixture" in registry.names("models")  # the host's built-ins always load
     dists = {p.dist for p in registry.plugins}
     assert "bench-classic" not in dists
+
+
+LAZY_CATALOG = """
+from bench import Plan, Sampler
+
+def sample(model, x, sigmas, *, noise=None, callback=None, **_):
+    return x
+
+def plan(nfe, options):
+    return Plan(nfe, nfe)
+
+SAMPLERS = [Sampler(name, sample, plan, "NFE = steps", "test sampler") for name in ("lazy-a", "lazy-b")]
+
+def schedules():
+    return []
+"""
+
+
+def test_register_all_imports_the_catalog_only_when_the_hook_runs(plugin_site):
+    """An entry module that registers through bench.register_all imports its catalog (and
+    whatever that imports) when the registry is filled, not when the plugin loads."""
+    import sys
+
+    entry = ('import bench\nregister_samplers = bench.register_all("lazy_catalog:SAMPLERS")\n'
+             'register_schedules = bench.register_all("lazy_catalog:schedules")\n')
+    root = plugin_site("bench-lazy", entry)
+    (root / "lazy_catalog.py").write_text(LAZY_CATALOG)
+    try:
+        registry = load_registry()
+        assert "lazy_catalog" not in sys.modules
+        assert {"lazy-a", "lazy-b"} <= set(registry.names("samplers"))
+        assert "lazy_catalog" in sys.modules
+        info = next(p for p in registry.plugins if p.dist == "bench-lazy")
+        assert info.registered == {"samplers": ["lazy-a", "lazy-b"]} and info.error is None
+    finally:
+        sys.modules.pop("lazy_catalog", None)

@@ -12,12 +12,12 @@ the package (`bench_amed/fitted`) are looked up first, then the user cache
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 
 import bench
 
@@ -37,20 +37,13 @@ def cache_dir() -> Path:
 def cache_key(
     model, sigmas, sampler: str, *, afs: bool, base_options: dict, fit_options: dict, predictor: dict
 ) -> dict[str, Any]:
-    """Everything a fitted predictor depends on."""
-    return {
-        "format": FORMAT,
-        "plugin": f"bench-amed=={__version__}",
-        "sampler": sampler,
-        "model": getattr(model, "spec", "") or "",
-        "fingerprint": bench.fingerprint(model),
-        "sigmas": [float(s) for s in sigmas.float().cpu()],
-        "nfe": 2 * (len(sigmas) - 1) - int(afs),
-        "afs": afs,
-        "base": base_options,
-        "fit": fit_options,
-        "predictor": predictor,
-    }
+    """Everything a fitted predictor depends on: the file format and this plugin's version,
+    the model (its spec, and the fingerprint of its weights and description) and the fit."""
+    fitted = {"sampler": sampler, "sigmas": [float(s) for s in sigmas.float().cpu()],
+              "nfe": 2 * (len(sigmas) - 1) - int(afs), "afs": afs, "base": base_options, "fit": fit_options,
+              "predictor": predictor}
+    model_key = {"model": getattr(model, "spec", "") or "", "fingerprint": bench.fingerprint(model)}
+    return {"format": FORMAT, "plugin": f"bench-amed=={__version__}", **model_key, **fitted}
 
 
 def entry_name(key: dict[str, Any]) -> str:
@@ -58,16 +51,13 @@ def entry_name(key: dict[str, Any]) -> str:
 
 
 def save(path: Path, predictor: AMEDPredictor, key: dict[str, Any], stats: dict[str, Any]) -> Path:
-    """Write atomically (a temporary file, then a rename). The metadata is one JSON string
-    under one name: safetensors orders several names arbitrarily, which would make the
-    bytes of two identical fits differ."""
+    """Write atomically (bench.atomic_write). The metadata is one JSON string under one name:
+    safetensors orders several names arbitrarily, which would make the bytes of two
+    identical fits differ."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in predictor.state_dict().items()}
     meta = {"key": key, "config": predictor.config.to_json(), "stats": stats}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={META: json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
-    return path
+    return bench.atomic_write(path, serialize(tensors, metadata={META: json.dumps(meta, sort_keys=True)}))
 
 
 def metadata(path: Path) -> dict[str, Any]:

@@ -15,11 +15,8 @@ import torch
 from bench_amed.prepare import prepare
 from bench_amed.samplers import BASES
 
-from bench import Spec, load_model
-from bench.cell import make_sigmas
-from bench.contracts import resolve_options
-from bench.nfe import CountingDenoiser
-from bench.plugins import load_registry
+import bench
+from bench.testing import load_registry
 
 TARGET_S = 300.0
 
@@ -27,7 +24,7 @@ TARGET_S = 300.0
 @pytest.fixture(scope="module")
 def digits():
     registry = load_registry()
-    return registry, load_model("digits", torch.device("cpu"), registry=registry)
+    return registry, bench.load_model("digits", torch.device("cpu"), registry=registry)
 
 
 @pytest.mark.parametrize("nfe", [5, 10, 20])
@@ -35,22 +32,12 @@ def digits():
 def test_fit_cost(benchmark, digits, name, nfe, tmp_path, monkeypatch):
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
     registry, model = digits
-    sampler = registry.get("samplers", name)
-    options = resolve_options("sampler", name, sampler.options, {})
-    plan = sampler.plan(nfe, options)
-    spec = Spec.parse(sampler.default_schedule)
-    schedule = registry.get("schedules", spec.name)
-    sigmas = make_sigmas(
-        schedule,
-        resolve_options("schedule", spec.name, schedule.options, dict(spec.options)),
-        plan,
-        model,
-        "cpu",
-    )
-    counted = CountingDenoiser(model)
+    cell = bench.CellSpec("digits", bench.Method(bench.Spec(name)), nfe)
+    recipe = bench.resolve(registry, cell, model, "cpu")  # options, plan and sigmas, as a run makes them
+    counted = bench.CountingDenoiser(model)
 
     def fit():
-        return prepare(name, BASES[name], counted, sigmas, {**options, **plan.options}, force=True)
+        return prepare(name, BASES[name], counted, recipe.sigmas, recipe.options, force=True)
 
     prepared = benchmark.pedantic(fit, rounds=1, iterations=1)
     seconds = benchmark.stats.stats.max

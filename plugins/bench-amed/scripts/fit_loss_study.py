@@ -18,14 +18,9 @@ from pathlib import Path
 import torch
 from bench_amed.prepare import prepare
 from bench_amed.solvers import sample_amed
-from bench_classic.samplers import sample_heun
-from bench_classic.schedules import karras
 
-from bench import load_model
-from bench.contracts import resolve_options
-from bench.nfe import CountingDenoiser
-from bench.plugins import load_registry
-from bench.seeding import SampleNoise
+import bench
+from bench.solvers import heun_step
 
 NAME = "amed-plugin-ipndm"
 
@@ -40,27 +35,28 @@ def main() -> None:
     parser.add_argument("--nfe", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    registry = load_registry()
-    model = load_model(args.model, torch.device("cpu"), registry=registry)
-    sampler = registry.get("samplers", NAME)
-    eps = SampleNoise(0, range(300), model.shape, "cpu")()
+    registry = bench.registry()
+    model = bench.load_model(args.model, torch.device("cpu"), registry=registry)
+    eps = bench.SampleNoise(0, range(300), model.shape, "cpu")()
     out = Path(tempfile.mkdtemp())
-    fine = karras(200, model.sigma_min, model.sigma_max, to_zero=False)
+    fine = registry.get("schedules", "karras").sigmas(200, model.sigma_min, model.sigma_max, to_zero=False)
+    ref = eps * fine[0]
     with torch.no_grad():
-        ref = sample_heun(model, eps * fine[0], fine)
+        for sigma, sigma_next in zip(fine[:-1].tolist(), fine[1:].tolist(), strict=True):
+            ref = heun_step(model, ref, sigma, sigma_next)
     print(f"{NAME} on {args.model} at {args.nfe} NFE: RMSE to Heun (200 steps), 300 samples\n")
     print("| max_order | unfitted | fit_loss=step | fit_loss=trajectory |\n| ---: | ---: | ---: | ---: |")
     for order in (2, 3, 4):
         row = []
         for loss in (None, "step", "trajectory"):
-            options = resolve_options("sampler", NAME, sampler.options, {"max_order": order})
-            plan = sampler.plan(args.nfe, options)
-            options = {**options, **plan.options, **({"fit_loss": loss} if loss else {})}
-            sigmas = karras(plan.steps, model.sigma_min, model.sigma_max, to_zero=False)
+            method = bench.Method(bench.Spec.parse(f"{NAME}:max_order={order}"))
+            cell = bench.CellSpec(args.model, method, args.nfe)
+            recipe = bench.resolve(registry, cell, model)  # options, plan, the karras sigmas to sigma_min
+            options, sigmas = {**recipe.options, **({"fit_loss": loss} if loss else {})}, recipe.sigmas
             prepared = {}
             if loss is not None:
                 prepared = prepare(
-                    NAME, "ipndm", CountingDenoiser(model), sigmas, options, force=True, out=out
+                    NAME, "ipndm", bench.CountingDenoiser(model), sigmas, options, force=True, out=out
                 )
             with torch.inference_mode():
                 x = sample_amed(model, eps * sigmas[0], sigmas, base="ipndm", **{**options, **prepared})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.plugins import load_registry
+from bench.testing import load_registry
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,11 @@ from bench_amed.solvers import sample_amed
 from bench_classic.schedules import karras
 from safetensors.torch import load_file
 
-from bench import Method, Spec, load_model
-from bench.cli import build_parser, main
-from bench.contracts import resolve_options
+import bench
+from bench import CellSpec, Method, Spec, build, load_model, resolve, resolve_options
+from bench.cli import main
 from bench.errors import UsageError
-from bench.models import mixture
-from bench.nfe import CountingDenoiser
-from bench.runner import RunConfig, run
+from bench.testing import mixture
 
 
 def spec(name: str, options: dict) -> str:
@@ -31,16 +29,9 @@ def spec(name: str, options: dict) -> str:
 
 def run_records(registry, out, samplers, nfe, model="mixture", **kw) -> list[dict]:
     """The records of a fresh run of `samplers` x `nfe` on `model`."""
-    config = RunConfig(
-        models=[model],
-        methods=[Method(Spec.parse(s)) for s in samplers],
-        nfe=nfe,
-        num_samples=kw.pop("num_samples", 64),
-        batch_size=64,
-        out=out,
-        **kw,
-    )
-    return run(registry, config)[1]
+    frame = bench.run(model=model, samplers=samplers, nfe=nfe, num_samples=kw.pop("num_samples", 64),
+                      batch_size=64, out=out, report="", **kw)
+    return bench.Run.open(frame.attrs["run_dir"]).records
 
 
 def run_cells(registry, out, samplers, nfe, **kw) -> dict[str, dict]:
@@ -72,15 +63,10 @@ def test_fitted_amed_solver_beats_dpm_solver_2_and_ipndm_at_5_nfe(registry, tmp_
 
 
 def prepare_cell(registry, name, nfe, options, model=None):
-    """(prepared options, fit calls) for one cell, as the runner prepares it."""
+    """(prepared options, fit calls) for one cell, as the runner prepares it (bench.build)."""
     model = model or load_model("mixture", torch.device("cpu"), registry=registry)
-    sampler = registry.get("samplers", name)
-    options = resolve_options("sampler", name, sampler.options, options)
-    plan = sampler.plan(nfe, options)
-    options = {**options, **plan.options}
-    sigmas = karras(plan.steps, model.sigma_min, model.sigma_max, to_zero=plan.to_zero)
-    counted = CountingDenoiser(model)
-    return sampler.prepare(counted, sigmas, options), counted.nfe
+    solve = build(registry, CellSpec(model.spec, Method(Spec(name, tuple(options.items()))), nfe), model)
+    return solve.prepared, solve.prep["prepare_nfe"]
 
 
 def same_weights(a: AMEDPredictor, b: AMEDPredictor) -> bool:
@@ -143,17 +129,11 @@ def test_fit_is_deterministic_given_its_seed(registry, tiny_fit):
     assert not same_weights(fitted[0], fitted[2])
 
 
-def bench(registry, *argv: str) -> int:
-    """A `bench` subcommand through the CLI's parser, on the session's registry."""
-    args = build_parser(registry).parse_args(list(argv))
-    return args.func(registry, args)
-
-
 def test_bench_fit_command_fits_what_bench_run_then_loads(registry, tmp_path, cache, capsys):
     sampler = spec(
         "amed-plugin-euler", {"fit_samples": 8, "fit_batch": 8, "fit_epochs": 1, "teacher_steps": 1}
     )
-    code = bench(registry, "fit", "--model", "mixture", "--samplers", sampler, "--nfe", "3,4", "--quiet")
+    code = main(["fit", "--model", "mixture", "--samplers", sampler, "--nfe", "3,4", "--quiet"])
     assert code == 0
     table = capsys.readouterr().out
     assert "fitted" in table and "sigma-only" in table
@@ -205,7 +185,7 @@ def test_user_errors_are_bench_errors(registry, tmp_path, tiny_fit, capsys):
 FACTORY = """
 import torch
 from bench.adapters import Preconditioned
-from bench.digits import UNet, UNetConfig
+from bench.testing import UNet, UNetConfig
 
 
 def build():
@@ -253,12 +233,9 @@ def test_committed_predictors_serve_the_shipped_digits_model(registry):
     the default run fits nothing. If the weights change, rerun the README's `bench fit`."""
     model = load_model("digits", torch.device("cpu"), registry=registry)
     for name in ("amed-solver", "amed-plugin-euler", "amed-plugin-ipndm", "amed-plugin-dpm++2m"):
-        sampler = registry.get("samplers", name)
         for nfe in (5, 10, 20):
-            plan = sampler.plan(nfe, dict(sampler.options))
-            options = {**sampler.options, **plan.options}
-            sigmas = karras(plan.steps, model.sigma_min, model.sigma_max, to_zero=plan.to_zero)
-            key, *_ = settings(model, sigmas, name, BASES[name], options)
+            recipe = resolve(registry, CellSpec("digits", Method(Spec(name)), nfe), model)
+            key, *_ = settings(model, recipe.sigmas, name, BASES[name], recipe.options)
             predictor, status = amed_cache.load(amed_cache.PACKAGED / amed_cache.entry_name(key), key)
             assert status == "ok", f"{name} at NFE {nfe}: committed predictor {status}"
             assert predictor.uses_bottleneck

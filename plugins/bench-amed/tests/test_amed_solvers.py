@@ -14,9 +14,8 @@ from bench_classic.multistep import sample_dpmpp, sample_ipndm
 from bench_classic.samplers import sample_dpm_solver, sample_euler
 from bench_classic.schedules import karras
 
+from bench import SampleNoise
 from bench.errors import Infeasible
-from bench.models import gaussian, mixture
-from bench.seeding import SampleNoise
 from bench.testing import (
     Case,
     check_batch_invariance,
@@ -24,6 +23,9 @@ from bench.testing import (
     check_nfe,
     check_planner,
     check_shapes,
+    gaussian,
+    mixture,
+    parse_command,
     samplers_of,
 )
 
@@ -36,9 +38,7 @@ def test_the_distribution_registers_every_sampler_and_the_fit_command(registry):
         sampler = registry.get("samplers", name)
         assert registry.version_of("samplers", name).startswith("bench-amed==")
         assert sampler.prepare is not None and sampler.default_schedule == "karras"
-    from bench.cli import build_parser
-
-    args = build_parser(registry).parse_args(["fit", "--nfe", "5"])
+    args = parse_command(["fit", "--nfe", "5"], registry)
     assert args.nfe == "5" and callable(args.func)
 
 

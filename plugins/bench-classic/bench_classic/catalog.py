@@ -18,8 +18,25 @@ from . import ancestral, budgets, multistep, samplers, schedules, sde
 # D(x, sigma_min), which measured worse or equal at 3-20 NFE on digits and the mixture
 ODE = {"afs": "auto", "denoise_to_zero": False}
 CHURN = {"churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+# The stochastic samplers' noise: eta scales each step's fresh noise (eta=0 is the ODE solver
+# they reduce to), s_noise its standard deviation
+NOISE = {"eta": 1.0, "s_noise": 1.0}
 ONE = "NFE = steps - afs"
 TWO = "NFE = 2*steps - afs (2*steps - 1 - afs with denoise_to_zero=true: the step to 0 costs 1)"
+
+
+def one_call_stochastic(name: str, sample, description: str, **more) -> Sampler:
+    """A sampler with fresh noise at each of its one-call steps: NFE = steps, no final denoise."""
+    return Sampler(name, sample, budgets.plan_one, "NFE = steps", description, stochastic=True,
+                   options={**NOISE, "denoise_to_zero": False}, **more)
+
+
+def two_call_ancestral(name: str, sample, description: str, alias: str) -> Sampler:
+    """Ancestral sampling with a two-call singlestep solver's steps (k-diffusion): the budget
+    rule of the two-call solvers, their options and the noise."""
+    return Sampler(name, sample, ancestral.plan_two_ancestral, TWO, description, stochastic=True,
+                   options={**NOISE, **ODE}, aliases=(alias,))
+
 
 SAMPLERS = [
     Sampler(
@@ -30,16 +47,9 @@ SAMPLERS = [
         "Euler's method on the probability-flow ODE (Karras et al. 2022), optional EDM churn",
         options={**ODE, **CHURN},
     ),
-    Sampler(
-        "euler-ancestral",
-        samplers.sample_euler_ancestral,
-        budgets.plan_one,
-        "NFE = steps",
-        "Euler ancestral (k-diffusion): DDIM's stochastic step on the sigma axis, eta=1",
-        stochastic=True,
-        options={"eta": 1.0, "s_noise": 1.0, "denoise_to_zero": False},
-        aliases=("euler_ancestral",),
-    ),
+    one_call_stochastic("euler-ancestral", samplers.sample_euler_ancestral,
+                        "Euler ancestral (k-diffusion): DDIM's stochastic step on the sigma axis, eta=1",
+                        aliases=("euler_ancestral",)),
     Sampler(
         "ddim",
         samplers.sample_euler_ancestral,
@@ -103,7 +113,7 @@ SAMPLERS = [
         "DPM-Solver++(2M) SDE (Lu et al. 2022b; k-diffusion), fresh noise each step",
         default_schedule="logsnr",
         stochastic=True,
-        options={"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint", "denoise_to_zero": False},
+        options={**NOISE, "solver_type": "midpoint", "denoise_to_zero": False},
         aliases=("dpmpp_2m_sde",),
     ),
     Sampler(
@@ -142,26 +152,12 @@ SAMPLERS = [
         "deis:mode=rhoab on karras steps",
         options={"order": 4, **ODE},
     ),
-    Sampler(
-        "dpm-2-ancestral",
-        ancestral.sample_dpm_2_ancestral,
-        ancestral.plan_two_ancestral,
-        TWO,
-        "Ancestral sampling with DPM-Solver-2 steps (k-diffusion); eta=0 is dpm-solver-2",
-        stochastic=True,
-        options={"eta": 1.0, "s_noise": 1.0, **ODE},
-        aliases=("dpm_2_ancestral",),
-    ),
-    Sampler(
-        "dpm++2s-ancestral",
-        ancestral.sample_dpmpp_2s_ancestral,
-        ancestral.plan_two_ancestral,
-        TWO,
-        "Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022b; k-diffusion)",
-        stochastic=True,
-        options={"eta": 1.0, "s_noise": 1.0, **ODE},
-        aliases=("dpmpp_2s_ancestral",),
-    ),
+    two_call_ancestral("dpm-2-ancestral", ancestral.sample_dpm_2_ancestral,
+                       "Ancestral sampling with DPM-Solver-2 steps (k-diffusion); eta=0 is dpm-solver-2",
+                       "dpm_2_ancestral"),
+    two_call_ancestral("dpm++2s-ancestral", ancestral.sample_dpmpp_2s_ancestral,
+                       "Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022b; k-diffusion)",
+                       "dpmpp_2s_ancestral"),
     Sampler(
         "dpm++sde",
         sde.sample_dpmpp_sde,
@@ -170,20 +166,12 @@ SAMPLERS = [
         "DPM-Solver++ SDE, singlestep (k-diffusion's dpmpp_sde), Brownian increments drawn "
         "from the noise stream; eta=0 is DPM-Solver++(2S)",
         stochastic=True,
-        options={"eta": 1.0, "s_noise": 1.0, "r": 0.5, **ODE},
+        options={**NOISE, "r": 0.5, **ODE},
         aliases=("dpmpp_sde",),
     ),
-    Sampler(
-        "dpm++3m-sde",
-        sde.sample_dpmpp_3m_sde,
-        budgets.plan_one,
-        "NFE = steps",
-        "DPM-Solver++(3M) SDE (k-diffusion), fresh noise each step; eta=0 is the ODE solver",
-        default_schedule="logsnr",
-        stochastic=True,
-        options={"eta": 1.0, "s_noise": 1.0, "denoise_to_zero": False},
-        aliases=("dpmpp_3m_sde",),
-    ),
+    one_call_stochastic("dpm++3m-sde", sde.sample_dpmpp_3m_sde,
+                        "DPM-Solver++(3M) SDE (k-diffusion), fresh noise each step; eta=0 is the ODE solver",
+                        default_schedule="logsnr", aliases=("dpmpp_3m_sde",)),
     Sampler(
         "ddpm",
         ancestral.sample_ddpm,

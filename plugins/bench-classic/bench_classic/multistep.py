@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from bench import Denoiser
-from bench.solvers import ADAMS_BASHFORTH, dpmpp_step, to_d
+from bench.solvers import ADAMS_BASHFORTH, dpmpp_step, to_d, unipc_coefficients
 
 from .samplers import denoise, floats, report
 from .schedules import vp_fit, vp_time
@@ -116,14 +116,7 @@ def sample_dpmpp_2m_sde(
 def unipc_system(h: float, rks: list[float], variant: str) -> tuple[float, float, np.ndarray, np.ndarray]:
     """h phi_1(-h), B(h) and UniPC's order conditions R rho = b for the ratios `rks`
     (the last being 1); B(h) = -h (bh1) or e^(-h) - 1 (bh2) (Zhao et al. 2023, Sec. 3.3)."""
-    hh = -h
-    h_phi_1 = math.expm1(hh)
-    b_h = hh if variant == "bh1" else math.expm1(hh)
-    h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
-    for i in range(1, len(rks) + 1):
-        b.append(h_phi_k * factorial / b_h)
-        factorial *= i + 1
-        h_phi_k = h_phi_k / hh - 1 / factorial
+    h_phi_1, b_h, b = unipc_coefficients(h, len(rks), variant)
     R = np.vander(np.asarray(rks, dtype=np.float64), increasing=True).T
     return h_phi_1, b_h, R, np.asarray(b)
 

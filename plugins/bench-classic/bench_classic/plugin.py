@@ -1,23 +1,7 @@
-"""Registers bench-classic's samplers and schedules with sampler-bench.
+"""bench-classic's entry module: its samplers and schedules, registered from the catalog when
+the hooks run (`bench.register_all`), so that loading it imports no torch."""
 
-Import-light on purpose: `bench --help` loads every plugin module, so the catalog (and
-torch with it) is imported only when a hook asks for it.
-"""
+from bench import register_all
 
-from bench import hookimpl
-
-
-@hookimpl
-def register_samplers(register):
-    from .catalog import SAMPLERS
-
-    for sampler in SAMPLERS:
-        register(sampler)
-
-
-@hookimpl
-def register_schedules(register):
-    from .catalog import SCHEDULES
-
-    for schedule in SCHEDULES:
-        register(schedule)
+register_samplers = register_all("bench_classic.catalog:SAMPLERS")
+register_schedules = register_all("bench_classic.catalog:SCHEDULES")

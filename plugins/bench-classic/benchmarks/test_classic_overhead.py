@@ -20,14 +20,9 @@ import time
 import pytest
 import torch
 
-from bench import Spec
+import bench
 from bench.adapters import Preconditioned
-from bench.cell import make_sigmas
-from bench.contracts import resolve_options
-from bench.nfe import CountingDenoiser
-from bench.plugins import load_registry
-from bench.seeding import SampleNoise
-from bench.testing import samplers_of
+from bench.testing import load_registry, samplers_of
 
 NFE, BATCH, SHAPE = 10, 256, (3, 16, 16)
 TARGET = 0.02
@@ -70,28 +65,19 @@ def setup():
 @pytest.mark.parametrize("name", samplers_of("bench-classic"))
 def test_solver_overhead(benchmark, setup, name):
     registry, model = setup
-    sampler = registry.get("samplers", name)
-    options = resolve_options("sampler", name, sampler.options, {})
-    plan = sampler.plan(NFE, options)
-    spec = Spec.parse(sampler.default_schedule)
-    schedule = registry.get("schedules", spec.name)
-    sigmas = make_sigmas(
-        schedule,
-        resolve_options("schedule", spec.name, schedule.options, dict(spec.options)),
-        plan,
-        model,
-        "cpu",
-    )
+    cell = bench.CellSpec("conv-net", bench.Method(bench.Spec(name)), NFE)
+    recipe = bench.resolve(registry, cell, model, "cpu")  # the sampler's defaults and default schedule
+    sampler, sigmas = recipe.sampler, recipe.sigmas
     x_T = torch.randn(BATCH, *SHAPE) * sigmas[0]
     noise = lambda: torch.randn(BATCH, *SHAPE)  # noqa: E731
-    counted = CountingDenoiser(model)
+    counted = bench.CountingDenoiser(model)
     fractions = []
 
     def once():
         counted.reset()
         start = time.perf_counter()
         with torch.inference_mode():
-            sampler.sample(counted, x_T, sigmas, noise=noise, **{**options, **plan.options})
+            sampler.sample(counted, x_T, sigmas, noise=noise, **recipe.options)
         wall = time.perf_counter() - start
         fractions.append((wall - counted.model_s) / counted.model_s)
 
@@ -104,5 +90,5 @@ def test_solver_overhead(benchmark, setup, name):
 
 def test_per_sample_noise_cost(benchmark):
     """What the runner's per-sample noise streams cost per draw at this batch (for the note)."""
-    noise = SampleNoise(0, range(BATCH), SHAPE, "cpu")
+    noise = bench.SampleNoise(0, range(BATCH), SHAPE, "cpu")
     benchmark(noise)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import Spec
-from bench.cell import make_sigmas
-from bench.contracts import resolve_options
-from bench.nfe import CountingDenoiser
-from bench.plugins import load_registry
+from bench import CellSpec, CountingDenoiser, Method, Spec, resolve
+from bench.testing import load_registry
 
 
 @pytest.fixture(scope="session")
@@ -29,22 +26,18 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def solve(registry):
-    """`solve(model, "name:key=value", nfe, eps)`: plan the budget, build the sampler's default
-    (or given) schedule on `model`, and sample from sigma_max * eps under the real NFE
-    counter; returns (x0, sigmas, counted NFE)."""
+    """`solve(model, "name:key=value", nfe, eps)`: the cell's recipe (bench.resolve: options,
+    plan, the sampler's default or the given schedule's sigmas on `model`), sampled from
+    sigma_max * eps under the real NFE counter; returns (x0, sigmas, counted NFE)."""
 
     def run(model, text, nfe, eps, *, schedule=None, noise=None, **options):
         spec = Spec.parse(text)
-        sampler = registry.get("samplers", spec.name)
-        opts = resolve_options("sampler", spec.name, sampler.options, {**dict(spec.options), **options})
-        plan = sampler.plan(nfe, opts)
-        sched = Spec.parse(schedule or sampler.default_schedule)
-        sched_fn = registry.get("schedules", sched.name)
-        sched_opts = resolve_options("schedule", sched.name, sched_fn.options, dict(sched.options))
-        sigmas = make_sigmas(sched_fn, sched_opts, plan, model, "cpu")
+        schedule = schedule or registry.get("samplers", spec.name).default_schedule
+        method = Method(Spec(spec.name, (*spec.options, *options.items())), Spec.parse(schedule))
+        recipe = resolve(registry, CellSpec("test", method, nfe), model, "cpu")
         counted = CountingDenoiser(model, budget=nfe)
-        x_T = eps * sigmas[0].to(eps.dtype)
-        x0 = sampler.sample(counted, x_T, sigmas, noise=noise, **{**opts, **plan.options})
-        return x0, sigmas, counted.nfe
+        x_T = eps * recipe.sigmas[0].to(eps.dtype)
+        x0 = recipe.sampler.sample(counted, x_T, recipe.sigmas, noise=noise, **recipe.options)
+        return x0, recipe.sigmas, counted.nfe
 
     return run

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from bench import Method, Spec, cli
+import bench
+from bench.cli import main
 from bench.errors import Infeasible, UsageError
-from bench.runner import RunConfig, run
-from bench.testing import samplers_of
+from bench.testing import console_width, samplers_of
 
 BUDGETS = list(range(3, 21))
 # Non-default conventions whose budgets are all reachable too
@@ -24,16 +24,9 @@ VARIANTS = [
 
 
 def run_grid(registry, tmp_path, specs, budgets=BUDGETS):
-    config = RunConfig(
-        models=["mixture"],
-        methods=[Method(Spec.parse(s)) for s in specs],
-        nfe=budgets,
-        num_samples=4,
-        batch_size=4,
-        metrics=["fd"],
-        out=tmp_path / "run",
-    )
-    return run(registry, config)[1]
+    frame = bench.run(model="mixture", samplers=specs, nfe=budgets, num_samples=4, batch_size=4, metrics="fd",
+                      out=tmp_path / "run", report="")
+    return bench.Run.open(frame.attrs["run_dir"]).records
 
 
 def check_counted(records, specs, budgets):
@@ -101,9 +94,9 @@ def test_bad_option_values_are_usage_errors_and_impossible_budgets_infeasible(re
         heun.plan(1, {**heun.options, "afs": True, "denoise_to_zero": True})
 
 
-def test_bench_list_shows_every_nfe_rule(registry, capsys, monkeypatch):
-    monkeypatch.setattr(cli._c.out, "width", 400)
-    assert cli.main(["list", "samplers"]) == 0
+def test_bench_list_shows_every_nfe_rule(registry, capsys):
+    with console_width(400):
+        assert main(["list", "samplers"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for name in samplers_of("bench-classic"):
         sampler = registry.get("samplers", name)

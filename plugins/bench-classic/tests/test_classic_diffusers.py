@@ -22,11 +22,9 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from bench import Spec
+from bench import SampleNoise, Spec, resolve_options
 from bench.adapters import DiscreteVP
-from bench.contracts import resolve_options
-from bench.models import mixture
-from bench.seeding import SampleNoise
+from bench.testing import mixture
 
 DDPM = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 SHAPE = (1, 8, 8)

@@ -12,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from bench import CellSpec, Method, Spec, build
 from bench.adapters import Flow
-from bench.models import gaussian
+from bench.testing import gaussian
 
 T_MIN, T_MAX, SCALE = 0.002, 0.995, 1000.0
 

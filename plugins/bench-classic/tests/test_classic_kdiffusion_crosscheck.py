@@ -17,8 +17,8 @@ import math
 import pytest
 import torch
 
-from bench.models import mixture
-from bench.seeding import SampleNoise
+from bench import SampleNoise
+from bench.testing import mixture
 
 ks = pytest.importorskip("k_diffusion.sampling")
 

@@ -22,10 +22,9 @@ from test_classic_diffusers import DDPM, SHAPE, TOL, MixtureEps, relative_error
 from test_classic_orders import BUDGETS, SPANS, order, problem  # noqa: F401 (a fixture)
 from test_classic_stochastic import moments
 
+from bench import SampleNoise
 from bench.adapters import DiscreteVP
-from bench.models import gaussian, mixture
-from bench.seeding import SampleNoise
-from bench.testing import check_sampler
+from bench.testing import check_sampler, gaussian, mixture
 
 # Deterministic limits and their orders on the Gaussian (denoise_to_zero=false, as
 # test_classic_conformance measures); dpm++3m-sde's third-order term is dpm++3m's reference

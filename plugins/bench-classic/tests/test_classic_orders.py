@@ -1,7 +1,7 @@
 """Measured convergence orders on the analytic mixture, against a high-accuracy reference.
 
 Each sampler runs at its default schedule with denoise_to_zero=false, so the schedule
-ends at sigma_min and the reference is bench.metrics.reference_solve to sigma_min (RK4 in
+ends at sigma_min and the reference is bench.testing.reference_solve to sigma_min (RK4 in
 log sigma, float64, 512 steps) from the same noise. The error at a budget is the median
 over 16 samples of each sample's RMS error (a sample near a boundary between modes
 converges late and would dominate a mean). The order is the slope of log error against
@@ -16,10 +16,9 @@ import math
 import pytest
 import torch
 
-from bench.metrics import reference_solve
-from bench.models import mixture
-from bench.seeding import SampleNoise
+from bench import SampleNoise
 from bench.solvers import dpmpp_step
+from bench.testing import mixture, reference_solve
 
 BUDGETS = (10, 20, 40, 80)
 # (spec, lowest order accepted from 20 to 80 NFE, lowest accepted from 10 to 20 NFE)

@@ -11,10 +11,10 @@ import torch
 from bench_classic.schedules import discrete_timesteps
 from diffusers import DDIMScheduler
 
-from bench import cli
 from bench.adapters import DiscreteVP
+from bench.cli import main
 from bench.errors import UsageError
-from bench.models import gaussian
+from bench.testing import gaussian
 
 DDPM = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
@@ -97,7 +97,7 @@ def test_discrete_on_a_continuous_model_is_a_usage_error(registry, capsys, tmp_p
     with pytest.raises(UsageError, match="needs a discrete-time model"):
         sigmas_of(registry, "discrete", 10, gaussian())
     args = "run --samplers ddim --schedule discrete --model gaussian --nfe 5 --num-samples 2 --quiet"
-    code = cli.main([*args.split(), "--out", str(tmp_path / "run")])
+    code = main([*args.split(), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == UsageError.exit_code
     assert err.startswith("error: schedule 'discrete' needs a discrete-time model") and "\n" not in err

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.models import gaussian
-from bench.seeding import SampleNoise
+from bench import SampleNoise
+from bench.testing import gaussian
 
 # Samplers that draw noise by default, and deterministic ones made stochastic by an option
 STOCHASTIC = [

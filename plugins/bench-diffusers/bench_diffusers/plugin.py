@@ -1,16 +1,7 @@
-"""Registers bench-diffusers' samplers with sampler-bench.
+"""bench-diffusers' entry module: its samplers, registered from the catalog when the hook runs
+(`bench.register_all`): torch comes with the catalog, diffusers only when a sampler plans or
+samples."""
 
-Import-light on purpose: `bench --help` loads every plugin module, so the catalog (torch
-with it) is imported only when the hook runs, and diffusers only when a sampler plans or
-samples.
-"""
+from bench import register_all
 
-from bench import hookimpl
-
-
-@hookimpl
-def register_samplers(register):
-    from .catalog import samplers
-
-    for sampler in samplers():
-        register(sampler)
+register_samplers = register_all("bench_diffusers.catalog:samplers")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 
 from bench.errors import NotApplicable
-from bench.models import gaussian
 from bench.testing import (
     SHAPE,
     Case,
@@ -22,6 +21,7 @@ from bench.testing import (
     check_planner,
     check_sampler,
     check_shapes,
+    gaussian,
     samplers_of,
     solve,
 )

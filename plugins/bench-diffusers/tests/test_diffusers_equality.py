@@ -22,11 +22,8 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from bench import Denoiser
+from bench import CountingDenoiser, Denoiser, SampleNoise, resolve_options
 from bench.adapters import DiscreteVP, Preconditioned
-from bench.contracts import resolve_options
-from bench.nfe import CountingDenoiser
-from bench.seeding import SampleNoise
 
 SHAPE = (2, 8, 8)
 DDPM = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}

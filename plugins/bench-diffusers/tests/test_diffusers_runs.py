@@ -7,13 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import Denoiser, Method, Spec
-from bench.contracts import resolve_options
+from bench import CellSpec, Denoiser, Method, RunConfig, SampleNoise, Spec, resolve
 from bench.errors import Infeasible, UsageError
-from bench.models import gaussian
-from bench.runner import RunConfig, run
-from bench.seeding import SampleNoise
-from bench.testing import samplers_of
+from bench.testing import gaussian, run_records, samplers_of
 
 BUDGETS = list(range(1, 21))
 NAMES = samplers_of("bench-diffusers")
@@ -22,7 +18,7 @@ NAMES = samplers_of("bench-diffusers")
 def test_counted_nfe_is_the_budget_through_the_runner(registry, tmp_path):
     config = RunConfig(models=["gaussian"], methods=[Method(Spec.parse(n)) for n in NAMES], nfe=BUDGETS,
                        num_samples=2, batch_size=2, metrics=[], out=tmp_path / "run")
-    _, records = run(registry, config)
+    records = run_records(config, registry)
     assert len(records) == len(NAMES) * len(BUDGETS)
     for r in records:
         sampler = registry.get("samplers", r["sampler"])
@@ -92,10 +88,8 @@ def test_plan_sigmas_are_where_the_network_is_evaluated(registry, name):
     ],
 )
 def test_bad_options_are_one_line_usage_errors(registry, spec, message):
-    parsed = Spec.parse(spec)
-    sampler = registry.get("samplers", parsed.name)
-    with pytest.raises(UsageError, match=message) as info:
-        sampler.plan(5, resolve_options("sampler", parsed.name, sampler.options, dict(parsed.options)))
+    with pytest.raises(UsageError, match=message) as info:  # its options resolved, then its plan
+        resolve(registry, CellSpec("gaussian", Method(Spec.parse(spec)), 5))
     assert "\n" not in str(info.value)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +33,14 @@ def cache_dir() -> Path:
 def cache_key(
     method: str, model, n: int, to_zero: bool, solver: str, solver_options: dict, search: dict
 ) -> dict[str, Any]:
-    """Everything a searched schedule depends on."""
-    return {
-        "format": FORMAT,
-        "plugin": f"bench-learned-schedules=={__version__}",
-        "method": method,
-        "model": getattr(model, "spec", "") or "",
-        "fingerprint": bench.fingerprint(model),
-        "sigma_range": [float(model.sigma_min), float(model.sigma_max)],
-        "steps": n,
-        "to_zero": bool(to_zero),
-        "solver": solver,
-        "solver_options": solver_options,
-        "search": search,
-    }
+    """Everything a searched schedule depends on: the file format and this plugin's version,
+    the model (its spec, the fingerprint of its weights and description, its sigma range) and
+    the search."""
+    model_key = {"model": getattr(model, "spec", "") or "", "fingerprint": bench.fingerprint(model),
+                 "sigma_range": [float(model.sigma_min), float(model.sigma_max)]}
+    searched = {"method": method, "steps": n, "to_zero": bool(to_zero), "solver": solver,
+                "solver_options": solver_options, "search": search}
+    return {"format": FORMAT, "plugin": f"bench-learned-schedules=={__version__}", **model_key, **searched}
 
 
 def entry_name(key: dict[str, Any]) -> str:
@@ -55,14 +48,10 @@ def entry_name(key: dict[str, Any]) -> str:
 
 
 def save(path: Path, sigmas: list[float], key: dict[str, Any], stats: dict[str, Any]) -> Path:
-    """Write atomically (a temporary file, then a rename)."""
+    """Write atomically (bench.atomic_write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps({"key": key, "sigmas": sigmas, "stats": stats}, indent=1, sort_keys=True) + "\n"
-    )
-    os.replace(tmp, path)
-    return path
+    return bench.atomic_write(path, json.dumps({"key": key, "sigmas": sigmas, "stats": stats}, indent=1,
+                                               sort_keys=True) + "\n")
 
 
 def load(path: Path, key: dict[str, Any]) -> tuple[list[float] | None, str]:

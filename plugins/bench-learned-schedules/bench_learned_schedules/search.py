@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,23 @@ def solver_of(wanted: str, cell: Mapping[str, Any] | None, steps: int) -> tuple[
     return name, options
 
 
-def settings(method: str, n: int, to_zero: bool, denoiser, cell, options):
-    """(key, search options, solver, solver options, positive steps) of a cell's search."""
+@dataclass
+class Search:
+    """A cell's search: its cache key, the search's options, the solver it searches with and
+    that solver's options, and the steps it places (n, less the step to 0 under to_zero)."""
+
+    key: dict[str, Any]
+    options: Any  # gits.GitsOptions, ld3.LD3Options or dmn.DMNOptions
+    solver: str
+    solver_options: dict[str, Any]
+    steps: int
+
+
+def search_of(method: str, n: int, to_zero: bool, denoiser, cell, options) -> Search | None:
+    """The search of a cell's `n` steps; None when there is none to place (one step to 0)."""
     m = n - int(to_zero)
+    if m < 1:
+        return None
     fields = {k: v for k, v in options.items() if k != "solver"}
     try:
         search_options = OPTION_TYPES[method](**fields)
@@ -59,7 +74,7 @@ def settings(method: str, n: int, to_zero: bool, denoiser, cell, options):
         ld3.start_of(search_options.start, float(denoiser.sigma_min), float(denoiser.sigma_max), method)
     solver, solver_options = solver_of(options.get("solver", "auto"), cell, m)
     key = cache.cache_key(method, denoiser, m, to_zero, solver, solver_options, search_options.to_json())
-    return key, search_options, solver, solver_options, m
+    return Search(key, search_options, solver, solver_options, m)
 
 
 def lookup(key, force: bool = False) -> tuple[list[float] | None, str, list[str]]:
@@ -74,42 +89,31 @@ def lookup(key, force: bool = False) -> tuple[list[float] | None, str, list[str]
     return None, "", notes
 
 
-def run_search(method, denoiser, m, to_zero, solver, solver_options, search_options, device):
+def run_search(method: str, denoiser, to_zero: bool, search: Search, device):
     """The method's search on the (counting) model: (sigmas, stats)."""
     smin, smax = float(denoiser.sigma_min), float(denoiser.sigma_max)
+    m, solver, solver_options, options = search.steps, search.solver, search.solver_options, search.options
     if method == "gits":
-        return gits.search(denoiser, m, smin, smax, solver, solver_options, search_options, device)
+        return gits.search(denoiser, m, smin, smax, solver, solver_options, options, device)
     if method == "ld3":
-        return ld3.search(denoiser, m, smin, smax, to_zero, solver, solver_options, search_options, device)
-    return dmn.search(m, smin, smax, solver, solver_options, search_options)
+        return ld3.search(denoiser, m, smin, smax, to_zero, solver, solver_options, options, device)
+    return dmn.search(m, smin, smax, solver, solver_options, options)
 
 
-def fit(
-    method: str,
-    n: int,
-    sigma_min: float,
-    sigma_max: float,
-    *,
-    to_zero: bool = False,
-    denoiser=None,
-    device="cpu",
-    cell: Mapping[str, Any] | None = None,
-    force: bool = False,
-    out: Path | None = None,
-    **options,
-) -> tuple[torch.Tensor, dict[str, Any]]:
+def fit(method: str, n: int, sigma_min: float, sigma_max: float, *, to_zero: bool = False, denoiser=None,
+        device="cpu", cell: Mapping[str, Any] | None = None, force: bool = False, out: Path | None = None,
+        **options) -> tuple[torch.Tensor, dict[str, Any]]:
     """The cell's searched sigmas (packaged, cached or searched now, then cached) and what the
     record says of them. `force` searches whatever exists; `out` is where a search is written
     (default the cache), and a valid entry found elsewhere is copied there too."""
     if denoiser is None:
         raise UsageError(f"schedule '{method}' is searched on a model; it needs the denoiser")
-    if n - int(to_zero) < 1:  # one step to 0: nothing to search
-        sigmas = [float(sigma_max)]
-        return finish(sigmas, to_zero, device), {"source": "none: no step to search"}
-    key, search_options, solver, solver_options, m = settings(method, n, to_zero, denoiser, cell, options)
-    entry = cache.entry_name(key)
-    info = {"search_solver": solver, "file": entry}
-    sigmas, source, notes = lookup(key, force)
+    search = search_of(method, n, to_zero, denoiser, cell, options)
+    if search is None:  # one step to 0
+        return finish([float(sigma_max)], to_zero, device), {"source": "none: no step to search"}
+    entry = cache.entry_name(search.key)
+    info = {"search_solver": search.solver, "file": entry}
+    sigmas, source, notes = lookup(search.key, force)
     if sigmas is not None:
         if (
             out is not None
@@ -127,15 +131,13 @@ def fit(
     if torch.device(device).type == "cpu":  # small tensors: a second thread buys little on a shared CPU
         torch.set_num_threads(1)
     try:
-        sigmas, stats = run_search(
-            method, denoiser, m, to_zero, solver, solver_options, search_options, device
-        )
+        sigmas, stats = run_search(method, denoiser, to_zero, search, device)
     finally:
         torch.set_num_threads(threads)
     stats = {**stats, "search_s": time.perf_counter() - start, "calls": int(getattr(denoiser, "nfe", 0))}
     source = f"searched ({'; '.join(notes)})" if notes else "searched"
     try:
-        cache.save((Path(out) if out is not None else cache.cache_dir()) / entry, sigmas, key, stats)
+        cache.save((Path(out) if out is not None else cache.cache_dir()) / entry, sigmas, search.key, stats)
     except OSError as exc:  # an unwritable cache costs a search next time, not the cell
         source += f", not cached: {exc}"
     plain = {k: v for k, v in stats.items() if isinstance(v, str | int | float | bool)}
@@ -158,30 +160,18 @@ def sigmas_fn(method: str) -> Callable[..., torch.Tensor]:
     return sigmas
 
 
-def estimate(
-    method: str,
-    n: int,
-    sigma_min: float,
-    sigma_max: float,
-    *,
-    to_zero: bool = False,
-    denoiser=None,
-    device="cpu",
-    cell=None,
-    call_s: Callable[[int], float] | None = None,
-    **options,
-) -> dict[str, float] | None:
-    """{"calls", "seconds"} of the search this cell would run, or None when it is cached.
-    `call_s(batch)` is the seconds of one forward pass at that batch size."""
-    if n - int(to_zero) < 1:
-        return None
-    key, search_options, solver, solver_options, m = settings(method, n, to_zero, denoiser, cell, options)
-    if lookup(key)[0] is not None:
+def estimate(method: str, n: int, sigma_min: float, sigma_max: float, *, to_zero: bool = False, denoiser=None,
+             device="cpu", cell=None, call_s: Callable[[int], float] | None = None,
+             **options) -> dict[str, float] | None:
+    """{"calls", "seconds"} of the search this cell would run, or None when it is cached (or
+    there is none). `call_s(batch)` is the seconds of one forward pass at that batch size."""
+    search = search_of(method, n, to_zero, denoiser, cell, options)
+    if search is None or lookup(search.key)[0] is not None:
         return None
     if method == "gits":
-        work = [(c, b, 1.0) for c, b in gits.calls(search_options)]
+        work = [(c, b, 1.0) for c, b in gits.calls(search.options)]
     elif method == "ld3":
-        work = ld3.calls(search_options, m, to_zero)
+        work = ld3.calls(search.options, search.steps, to_zero)
     else:
         work = []
     seconds = sum(c * f * (call_s(b) if call_s else 0.0) for c, b, f in work)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from bench.errors import UsageError
-from bench.solvers import ADAMS_BASHFORTH, afs_d, dpmpp_step, to_d
+from bench.solvers import ADAMS_BASHFORTH, afs_d, dpmpp_step, to_d, unipc_coefficients
 
 # The search solvers and the options of each that change its arithmetic
 SOLVERS = {
@@ -112,15 +112,7 @@ def unipc_update(x, sigma_t, sigmas, ms, variant, m_t=None):
     h = torch.log(sigma_s0 / sigma_t)
     rks = [torch.log(sigma_s0 / sigma_k) / h for sigma_k in reversed(sigmas[:-1])]
     D1s = [(m - ms[-1]) / r for m, r in zip(reversed(ms[:-1]), rks, strict=True)]
-    # h phi_k(-h) recursion and B(h)
-    hh = -h
-    h_phi_1 = torch.expm1(hh)
-    b_h = hh if variant == "bh1" else torch.expm1(hh)
-    h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
-    for i in range(1, len(rks) + 2):
-        b.append(h_phi_k * factorial / b_h)
-        factorial *= i + 1
-        h_phi_k = h_phi_k / hh - 1 / factorial
+    h_phi_1, b_h, b = unipc_coefficients(h, len(rks) + 1, variant)
     r_all = torch.stack([*rks, torch.ones_like(h)])
     R = torch.stack([r_all**p for p in range(len(r_all))])
     b = torch.stack(b)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.plugins import load_registry
+from bench.testing import load_registry
 
 
 @pytest.fixture(scope="session")

@@ -17,16 +17,11 @@ from bench_learned_schedules.catalog import FEATURED
 from bench_learned_schedules.students import SOLVERS, solve
 
 import bench
-from bench import CellSpec, Infeasible, Method, Spec, build, load_model
-from bench.api import methods_from
-from bench.cell import make_sigmas, plan_cell
+from bench import CellSpec, Method, SampleNoise, Spec, build, load_model, resolve
 from bench.cli import main
-from bench.contracts import resolve_options
 from bench.errors import UsageError
-from bench.models import mixture
-from bench.runner import RunConfig, run
 from bench.solvers import heun_step
-from bench.testing import check_schedule
+from bench.testing import check_schedule, methods_from, mixture
 
 METHODS = ("gits", "ld3", "dmn")
 
@@ -75,14 +70,11 @@ def test_dp_refuses_more_steps_than_the_grid_has():
 def test_students_equal_the_registered_samplers(registry, name):
     """The differentiable solve gives the registered sampler's output on the same sigmas."""
     model = mixture(shape=(1, 4, 4))
-    sampler = registry.get("samplers", name)
-    options = resolve_options("sampler", name, sampler.options, {})
-    plan = sampler.plan(6, options)
-    options = {**options, **plan.options}
-    sigmas = ld3.schedule(torch.randn(plan.steps, dtype=torch.float64), 0.002, 80.0)
+    recipe = resolve(registry, CellSpec("mixture", Method(Spec(name)), 6))  # options and plan, no sigmas
+    sigmas = ld3.schedule(torch.randn(recipe.plan.steps, dtype=torch.float64), 0.002, 80.0)
     x = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80
-    expect = sampler.sample(model, x, sigmas, noise=None, **options)
-    got = solve(model, x, sigmas, name, options)
+    expect = recipe.sampler.sample(model, x, sigmas, noise=None, **recipe.options)
+    got = solve(model, x, sigmas, name, recipe.options)
     assert torch.allclose(got, expect, atol=1e-8, rtol=1e-8), float((got - expect).abs().max())
 
 
@@ -128,8 +120,6 @@ def test_searched_beats_the_default_schedule(registry, mix, name, sampler):
     closer to the ODE solution than the sampler's default steps, for the search solver; the
     search's calls are counted apart from the budget. (GITS's first-order cost is the same
     for every solver and does not beat log-SNR for DPM-Solver++ here: README.)"""
-    from bench.seeding import SampleNoise
-
     x_T = SampleNoise(10_000, torch.arange(64), mix.shape, torch.device("cpu"))() * mix.sigma_max
     ref = reference(mix, x_T.double())
     base, _ = rmse_of(registry, mix, sampler, None, 5, ref, x_T)
@@ -236,33 +226,34 @@ def test_samplers_all_runs_the_featured_pairings(registry):
 # --- Estimates, errors ----------------------------------------------------------------------
 
 
-def test_estimate_names_the_calls_the_search_makes(registry, mix, tmp_path):
+def test_estimate_names_the_calls_the_search_makes(tmp_path, capsys):
     """The estimate a run says before the cell is the calls its search then makes; none once
     cached (a second run into another directory finds the search done)."""
-    method = Method(Spec.parse("ipndm"), spec_of("ld3", TINY["ld3"]))
-    said = []
+    schedule = str(spec_of("ld3", TINY["ld3"]))
 
-    def config(out):
-        return RunConfig(models=["mixture"], methods=[method], nfe=[4], num_samples=8, batch_size=8, out=out)
+    def run(out):
+        """(the cell's record, the lines the run said of a fit stage)."""
+        argv = ["run", "--model", "mixture", "--samplers", "ipndm", "--schedule", schedule, "--nfe", "4",
+                "--num-samples", "8", "--batch-size", "8", "--out", str(out), "--report", "csv"]
+        assert main(argv) == 0
+        said = [line for line in capsys.readouterr().err.splitlines() if "network calls" in line]
+        (record,) = bench.Run.open(out).records
+        return record, said
 
-    _, (record,) = run(registry, config(tmp_path / "a"), on_notice=said.append)
-    ((cell_id, (line,)),) = said[0].items()
-    assert cell_id == record["cell_id"] and record["schedule_fit_nfe"] > 0
+    record, (line,) = run(tmp_path / "a")
+    assert line.startswith(f"ipndm @{schedule} @ NFE 4: ") and record["schedule_fit_nfe"] > 0
     assert f"about {record['schedule_fit_nfe']} network calls" in line
-    said.clear()
-    _, (again,) = run(registry, config(tmp_path / "b"), on_notice=said.append)
+    again, said = run(tmp_path / "b")
     assert said == [] and again["schedule_fit_nfe"] == 0
 
 
 def test_a_searched_schedule_needs_its_cell(registry, mix):
-    schedule = registry.get("schedules", "gits")
-    sampler = registry.get("samplers", "ipndm")
-    plan = plan_cell(sampler, 5, resolve_options("sampler", "ipndm", sampler.options, {}))
-    options = resolve_options("schedule", "gits", schedule.options, {})
-    with pytest.raises(Infeasible, match="build the cell"):
-        make_sigmas(schedule, options, plan, mix, "cpu")
+    """The recipe leaves a searched schedule's sigmas to bench.build, which searches them for
+    the cell; its options are checked before that."""
+    recipe = resolve(registry, CellSpec("mixture", Method(Spec("ipndm"), Spec("gits")), 5), mix)
+    assert recipe.searched and recipe.sigmas is None
     with pytest.raises(UsageError, match="metric"):
-        make_sigmas(schedule, {**options, "metric": "l3"}, plan, mix, "cpu")
+        resolve(registry, CellSpec("mixture", Method(Spec("ipndm"), Spec.parse("gits:metric=l3")), 5), mix)
 
 
 def test_bad_options_exit_2(tmp_path, capsys):
@@ -314,8 +305,6 @@ def test_ld3_searches_its_start(registry, mix):
     """start=search learns the first sigma: below sigma_max after a fit on the mixture, and
     closer to the ODE solution from sigma_max eps (the teacher's start) than the same search
     at start=sigma_max, on noise the search never saw; the record's sigmas start there."""
-    from bench.seeding import SampleNoise
-
     x_T = SampleNoise(10_000, torch.arange(64), mix.shape, torch.device("cpu"))() * mix.sigma_max
     ref = reference(mix, x_T.double())
     fixed, _ = rmse_of(registry, mix, "dpm++2m", spec_of("ld3", TINY["ld3"]), 5, ref, x_T)

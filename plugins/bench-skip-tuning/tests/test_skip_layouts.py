@@ -18,12 +18,9 @@ from bench_skip_tuning.skips import find_layout, skip_factors
 from torch import nn
 from torch.nn import functional as F
 
-from bench import load_model
+from bench import CountingDenoiser, load_model
 from bench.errors import NotApplicable
-from bench.nfe import CountingDenoiser
-from bench.plugins import load_registry
-from bench.sources.edm import EDMNetwork
-from bench.testing import single_threaded
+from bench.testing import EDMNetwork, load_registry, single_threaded
 
 CPU = torch.device("cpu")
 RHO_BOTTOM, RHO_TOP = 0.6, 1.3

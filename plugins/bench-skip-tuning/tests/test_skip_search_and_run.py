@@ -18,8 +18,7 @@ from bench_skip_tuning import tuned
 
 from bench import Run, load_model
 from bench.cli import main
-from bench.plugins import load_registry
-from bench.testing import single_threaded
+from bench.testing import load_registry, single_threaded
 
 MODEL = "digits"
 SAMPLES = ["--num-samples", "24", "--batch-size", "24", "--seed", "100000"]  # skip-tune: the first seed

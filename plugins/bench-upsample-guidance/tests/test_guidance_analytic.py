@@ -1,6 +1,6 @@
 """The combination formula against closed forms, in float64.
 
-Data at 2x: x0 = U_2(y), y from the analytic mixture at 1x4x4 (bench.models.mixture). Its
+Data at 2x: x0 = U_2(y), y from the analytic mixture at 1x4x4 (bench.testing.mixture). Its
 exact denoiser at 1x8x8 is computed here independently, with full covariances
 (component k: mean U mu_k, covariance U diag(s_k^2) U^T, rank 16 in 64 dimensions), and
 must equal U_2 D_mix(D_2(x), sigma / 2): the sigma / m alignment. The guided denoiser
@@ -17,10 +17,8 @@ import pytest
 import torch
 from bench_upsample_guidance.guidance import apply, pool, upsample, vp_sigma, vp_time
 
-from bench.contracts import Denoiser
-from bench.models import mixture
-from bench.nfe import CountingDenoiser
-from bench.testing import single_threaded
+from bench import CountingDenoiser, Denoiser
+from bench.testing import mixture, single_threaded
 
 LOW, HIGH, M = (1, 4, 4), (1, 8, 8), 2
 SIGMAS = (0.05, 0.3, 1.0, 4.0)

@@ -20,14 +20,16 @@ import pytest
 import torch
 from bench_upsample_guidance.guidance import apply, pool, upsample, vp_time
 
-from bench import Run, load_model
-from bench import digits_classifier as dc
+from bench import CountingDenoiser, Run, SampleNoise, load_model, resolve_options
 from bench.cli import main
-from bench.contracts import resolve_options
-from bench.nfe import CountingDenoiser
-from bench.plugins import load_registry
-from bench.seeding import SampleNoise
-from bench.testing import single_threaded
+from bench.testing import (
+    digits_features,
+    digits_images,
+    digits_reference_features,
+    load_registry,
+    single_threaded,
+    to_uint8,
+)
 
 MODEL = "digits"
 CPU = torch.device("cpu")
@@ -147,6 +149,6 @@ def test_bench_run_counts_the_extra_calls_and_reports_them(registry, tmp_path):
 
 @single_threaded
 def test_reference_upscaled_to_2x_has_the_shipped_features():
-    images = dc.to_uint8(dc.digits()[0][:300])
-    features = dc.extract(dc.load_net(), upsample(images, 2))
-    assert torch.allclose(features, dc.reference_features()[:300], atol=1e-5)
+    images = to_uint8(digits_images()[:300])
+    features = digits_features(upsample(images, 2))
+    assert torch.allclose(features, digits_reference_features()[:300], atol=1e-5)
