@@ -370,14 +370,18 @@ class MetricState(Protocol):
 class Metric:
     """`create(ctx) -> MetricState`: a streaming metric, fed batch by batch.
 
-    With `floor`, the metric also scores real data at the run's sample count when the model
-    can draw it (`Denoiser.data_samples(n, seed)`): the best value a sampler can reach at
-    that n, which reports show beside the samplers' values. Metrics of the samples' own noise
-    (rmse to a reference solve) have none. `applies(ctx) -> str | None`, if given, says in
-    one line why the metric cannot score the run's model (an image size its feature network
-    does not take, weights that are not there), or None; the runner asks it once the model
-    is loaded, before any of its cells runs, and stops with that line (exit 2). `options`
-    are the run metric options it reads (`--metric-option KEY=VALUE`), with their defaults."""
+    With `floor`, the metric also scores real data at the run's sample count: the model's
+    (`Denoiser.data_samples(n, seed)`), else the metric's own (`data_samples`, the real data
+    set its reference comes from), when either can be drawn: the best value a sampler can
+    reach at that n, which reports show beside the samplers' values. Metrics of the samples'
+    own noise (rmse to a reference solve) have none. `applies(ctx) -> str | None`, if given,
+    says in one line why the metric cannot score the run's model (an image size its feature
+    network does not take, weights that are not there), or None; the runner asks it once the
+    model is loaded, before any of its cells runs, and stops with that line (exit 2).
+    `options` are the run metric options it reads (`--metric-option KEY=VALUE`), with their
+    defaults. `default_for` lists image shapes (C, H, W) the metric scores by default: a
+    model whose source names no metrics of its own and whose images have such a shape gets
+    it (FID on MNIST's features for any 1x28x28 model)."""
 
     name: str
     create: Callable[[MetricContext], MetricState]
@@ -385,6 +389,8 @@ class Metric:
     floor: bool = False
     applies: Callable[[MetricContext], str | None] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    data_samples: Callable[[int, int], Tensor] | None = None
+    default_for: tuple[tuple[int, int, int], ...] = ()
 
 
 # --- Reporter -------------------------------------------------------------------------

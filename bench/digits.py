@@ -20,11 +20,8 @@ zero-variance Gaussians (`bench.models.GaussianMixture`).
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,15 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import training
 from .adapters import Flow, Preconditioned
 from .contracts import ModelSource
-from .errors import ModelLoadError, UsageError
+from .errors import UsageError
 from .models import GaussianMixture
+from .training import FLOW_FIELDS, Recipe  # noqa: F401 (FLOW_FIELDS: the digits metadata's)
 
 ASSETS = Path(__file__).parent / "assets"
 WEIGHTS = ASSETS / "digits-unet.safetensors"
 FLOW_WEIGHTS = ASSETS / "digits-flow-unet.safetensors"
-FLOW_SIGMAS = (0.002, 80.0)  # digits-flow's sigma range: the digits model's, t = sigma / (1 + sigma)
+SIGMAS = (0.002, 80.0)  # both models' sigma range (EDM's); digits-flow's t = sigma / (1 + sigma)
 SHAPE = (1, 8, 8)
 META_KEY = "bench.digits"
 
@@ -85,22 +84,35 @@ class ResBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """One decoder level: upsample h, concatenate the encoder skip `skip_name`, merge, ResBlock.
+    """One decoder block: upsample h (nearest, by `scale`; 1 keeps the resolution),
+    concatenate the encoder skip `skip_name`, merge, ResBlock.
 
     The concatenation goes through a 1x1 convolution before any normalisation, so a
     modifier that scales the `skip` argument (a forward pre-hook on this block) changes
     the output linearly instead of being normalised away.
     """
 
-    def __init__(self, c_in: int, c_skip: int, c_out: int, emb_dim: int, skip_name: str) -> None:
+    def __init__(self, c_in: int, c_skip: int, c_out: int, emb_dim: int, skip_name: str,
+                 scale: int = 2) -> None:
         super().__init__()
-        self.skip_name = skip_name
+        self.skip_name, self.scale = skip_name, scale
         self.merge = nn.Conv2d(c_in + c_skip, c_out, 1)
         self.block = ResBlock(c_out, c_out, emb_dim)
 
     def forward(self, h: Tensor, skip: Tensor, emb: Tensor) -> Tensor:
-        h = nn.functional.interpolate(h, scale_factor=2, mode="nearest")
+        if self.scale > 1:
+            h = nn.functional.interpolate(h, scale_factor=self.scale, mode="nearest")
         return self.block(self.merge(torch.cat([h, skip], dim=1)), emb)
+
+
+def embed_noise(embed: nn.Module, c_noise: Tensor, batch: int) -> Tensor:
+    """The noise embedding of each sample, computed once per distinct noise level in the
+    batch (per sample when c_noise needs a gradient, e.g. a fitted sampler's learned sigma:
+    unique has none)."""
+    if c_noise.requires_grad:
+        return embed(c_noise.expand(batch))
+    levels, which = torch.unique(c_noise.expand(batch), return_inverse=True)
+    return embed(levels)[which]
 
 
 @dataclass(frozen=True)
@@ -143,13 +155,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: Tensor, c_noise: Tensor, return_bottleneck: bool = False):
-        # Noise embedding, computed once per distinct noise level in the batch (per sample
-        # when c_noise needs a gradient, e.g. a fitted sampler's learned sigma: unique has none)
-        if c_noise.requires_grad:
-            emb = self.embed(c_noise.expand(len(x)))
-        else:
-            levels, which = torch.unique(c_noise.expand(len(x)), return_inverse=True)
-            emb = self.embed(levels)[which]
+        emb = embed_noise(self.embed, c_noise, len(x))
         # Encoder: keep each level's output as its named skip
         h, skips = self.stem(x), {}
         for name, block in zip(self.skip_names, self.down, strict=True):
@@ -170,150 +176,39 @@ class UNet(nn.Module):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Recipe):
     """The EDM training recipe (Karras et al. 2022, section 5), sized for the digits.
 
     sigma_data is the pixel standard deviation of the digits in [-1, 1] (0.752), not
-    EDM's 0.5 for CIFAR-10; P_mean and P_std are EDM's.
+    EDM's 0.5 for CIFAR-10; P_mean and P_std are EDM's. `objective="flow"` trains the
+    same UNet with rectified flow (model `digits-flow`; bench.training).
     """
 
-    steps: int = 4000
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup: int = 200
-    ema_halflife: int = 200
     sigma_data: float = 0.75
-    p_mean: float = -1.2
-    p_std: float = 1.2
-    seed: int = 0
     limit: int | None = None
     channels: tuple[int, ...] = UNetConfig.channels
-    # The rectified-flow objective (`objective="flow"`, model `digits-flow`): t from
-    # logit-normal(logit_mean, logit_std) as SD3; the network sees t * time_scale
-    objective: str = "edm"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    time_scale: float = 1000.0
-
-
-OBJECTIVES = ("edm", "flow")
-FLOW_FIELDS = ("objective", "logit_mean", "logit_std", "time_scale")  # absent from EDM metadata
-
-
-def edm_loss(denoiser: Preconditioned, y: Tensor, n: Tensor, sigma: Tensor) -> Tensor:
-    """EDM's loss: lambda(sigma) |D(y + sigma n, sigma) - y|^2, lambda = (s^2 + sd^2) / (s sd)^2."""
-    sd = denoiser.sigma_data
-    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-    d_y = denoiser(y + sigma.reshape(-1, 1, 1, 1) * n, sigma)
-    return (weight.reshape(-1, 1, 1, 1) * (d_y - y) ** 2).mean()
-
-
-def flow_loss(net: UNet, y: Tensor, n: Tensor, t: Tensor, time_scale: float) -> Tensor:
-    """Rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_t = (1 - t) y + t n,
-    loss |v_theta(x_t, t) - (n - y)|^2."""
-    s = t.reshape(-1, 1, 1, 1)
-    v = net((1 - s) * y + s * n, t * time_scale)
-    return ((v - (n - y)) ** 2).mean()
 
 
 def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> tuple[UNet, dict[str, Any]]:
-    """Train the digits UNet; returns the EMA network and a summary. Deterministic on the CPU.
-
-    Adam with a linear warm-up then a cosine decay of the learning rate; every random
-    number comes from one generator seeded with `config.seed`; the EMA of the weights
-    (half-life `ema_halflife` steps) is what ships. `objective="flow"` draws t where EDM
-    draws sigma (the same number of random draws per step) and trains the velocity.
-    """
-    if config.objective not in OBJECTIVES:
-        raise UsageError(f"--objective: '{config.objective}' is not one of {', '.join(OBJECTIVES)}")
+    """Train the digits UNet on all 1797 digits (the first `limit`); returns the EMA network
+    and a summary. Deterministic on the CPU (bench.training.train)."""
     from .digits_classifier import digits
 
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
     data = digits()[0][: config.limit]
-    net = UNet(UNetConfig(channels=tuple(config.channels)))
-    ema = UNet(net.config).requires_grad_(False)
-    ema.load_state_dict(net.state_dict())
-    denoiser = Preconditioned(net, "edm", SHAPE, sigma_data=config.sigma_data)
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
-    ema_beta = 0.5 ** (1 / config.ema_halflife)
-    losses = []
-    for step in range(config.steps):
-        # A batch of digits, their noise and the normal draws of their noise levels (sigma or t)
-        y = data[torch.randint(len(data), (config.batch_size,), generator=gen)]
-        n = torch.randn(y.shape, generator=gen)
-        z = torch.randn(len(y), generator=gen)
-        # One Adam step at the scheduled learning rate
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(config, step)
-        if config.objective == "flow":
-            t = torch.sigmoid(config.logit_mean + config.logit_std * z)
-            loss = flow_loss(net, y, n, t, config.time_scale)
-        else:
-            loss = edm_loss(denoiser, y, n, (config.p_mean + config.p_std * z).exp())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        # The exponential moving average of the weights
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-                p_ema.lerp_(p, 1 - ema_beta)
-        losses.append(loss.item())
-        if log and (step + 1) % 500 == 0:
-            log(f"step {step + 1}/{config.steps}  loss {sum(losses[-500:]) / len(losses[-500:]):.4f}")
-    tail = losses[-min(len(losses), 200) :]
-    return ema.eval(), {"final_loss": sum(tail) / len(tail), "final_loss_steps": len(tail)}
-
-
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up over `warmup` steps, then a cosine decay to zero."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return training.train(config, data, partial(UNet, UNetConfig(channels=tuple(config.channels))), log)
 
 
 # --- Weights --------------------------------------------------------------------------
 
 
 def save_weights(path: Path, net: UNet, config: TrainConfig, summary: dict[str, Any]) -> None:
-    """safetensors with the network and training configuration in its metadata.
-
-    The metadata is one JSON string under a single key: safetensors writes several keys
-    in no fixed order, which would make the bytes of two identical trainings differ.
-    """
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    train_meta = asdict(config)
-    if config.objective == "edm":  # the EDM file's metadata as before the flow objective
-        train_meta = {k: v for k, v in train_meta.items() if k not in FLOW_FIELDS}
-    meta = {
-        "unet": asdict(net.config),
-        "train": train_meta,
-        "summary": summary,
-        "torch": torch.__version__,
-    }
-    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
-    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    """safetensors with the network and training configuration in its metadata."""
+    training.save_weights(path, META_KEY, net, config, summary)
 
 
 def load_unet(path: Path = WEIGHTS) -> tuple[UNet, dict[str, Any]]:
     """The UNet and its training configuration from a weights file written by `save_weights`."""
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        raise ModelLoadError(
-            f"digits weights '{path}' not found; write them with `bench train-digits --out {path}`"
-        )
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta is None:
-        raise ModelLoadError(f"'{path}' has no digits UNet metadata; write it with `bench train-digits`")
-    net = UNet(UNetConfig(**{**meta["unet"], "channels": tuple(meta["unet"]["channels"])}))
-    net.load_state_dict(tensors)
-    return net.eval().requires_grad_(False), meta["train"]
+    return training.load_unet(path, META_KEY, "train-digits", UNet, UNetConfig)
 
 
 # --- Model sources --------------------------------------------------------------------
@@ -321,26 +216,15 @@ def load_unet(path: Path = WEIGHTS) -> tuple[UNet, dict[str, Any]]:
 
 def load_digits(arg: str | None = None, device=None, **_) -> Preconditioned:
     """Model source `digits[:PATH]`: the UNet (shipped weights, or PATH) with EDM preconditioning."""
-    net, train_config = load_unet(Path(arg) if arg else WEIGHTS)
-    if train_config.get("objective", "edm") != "edm":
-        raise ModelLoadError(f"'{arg}' was trained with --objective {train_config['objective']}; "
-                             f"load it as digits-flow:{arg}")
-    model = Preconditioned(net, "edm", SHAPE, sigma_data=train_config["sigma_data"], has_bottleneck=True)
-    model.data_samples = digits_samples  # the data it was trained on, for the metrics' floor
-    return model
+    net, recipe = load_unet(Path(arg) if arg else WEIGHTS)
+    return training.as_model(net, recipe, "edm", "digits", arg, SHAPE, SIGMAS, digits_samples)
 
 
 def load_digits_flow(arg: str | None = None, device=None, **_) -> Flow:
     """Model source `digits-flow[:PATH]`: the UNet trained with the rectified-flow objective
     (velocity, time scale 1000), as bench.adapters.Flow over digits' sigma range."""
-    net, train_config = load_unet(Path(arg) if arg else FLOW_WEIGHTS)
-    if train_config.get("objective", "edm") != "flow":
-        raise ModelLoadError(f"'{arg}' was trained with the EDM objective; load it as digits:{arg}")
-    (s_min, s_max), scale = FLOW_SIGMAS, train_config["time_scale"]
-    model = Flow(net, SHAPE, prediction="velocity", net=net, time_scale=scale,
-                 t_min=s_min / (1 + s_min), t_max=s_max / (1 + s_max), sigma_data=train_config["sigma_data"])
-    model.data_samples = digits_samples  # the data it was trained on, for the metrics' floor
-    return model
+    net, recipe = load_unet(Path(arg) if arg else FLOW_WEIGHTS)
+    return training.as_model(net, recipe, "flow", "digits", arg, SHAPE, SIGMAS, digits_samples)
 
 
 def digits_samples(n: int, seed: int = 0) -> Tensor:
@@ -393,56 +277,20 @@ def cmd_train_digits(registry, args) -> int:
                          ("channels", ",".join(map(str, d.channels)))):
         if getattr(args, key) is None:
             setattr(args, key, default)
-    try:
-        channels = tuple(int(c) for c in args.channels.split(","))
-    except ValueError:
-        raise UsageError(f"--channels: '{args.channels}' is not a comma list of integers") from None
-    if args.steps < 1 or args.batch_size < 1 or len(channels) < 2 or min(channels) < 4:
-        raise UsageError(
-            "--steps and --batch-size must be positive; --channels needs two or more levels >= 4"
-        )
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise UsageError(f"--lr: {args.lr} is not a positive finite learning rate, e.g. 2e-3")
+    channels = training.channel_list(args.channels)
+    training.positive(args, "steps", "batch_size")
+    training.learning_rate_option(args.lr)
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit: {args.limit} digits; give a positive count (or leave it out for all)")
-    from .files import writable_file
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         limit=args.limit, channels=channels, objective=args.objective)
+    if config.objective not in training.OBJECTIVES:
+        raise UsageError(f"--objective: '{config.objective}' is not one of {', '.join(training.OBJECTIVES)}")
+    from .digits_classifier import digits
 
-    writable_file(args.out, "--out")  # before the training, not after it
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        limit=args.limit,
-        channels=channels,
-        objective=args.objective,
-    )
-    log = None if args.quiet else partial(print, flush=True)
-    # Deterministic kernels on one thread (reduction order then does not depend on the
-    # machine's core count), restored afterwards
-    previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    try:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        net, summary = train(config, log)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.set_num_threads(previous[1])
-    save_weights(args.out, net, config, summary)
-    print(
-        json.dumps(
-            {
-                "out": str(args.out),
-                **summary,
-                "train_s": round(seconds, 1),
-                "cpu_s": round(cpu_seconds, 1),
-                "parameters": sum(p.numel() for p in net.parameters()),
-            }
-        )
-    )
-    return 0
+    build = partial(UNet, UNetConfig(channels=channels))
+    return training.run_training(config, lambda: digits()[0][: config.limit], build, args.out, META_KEY,
+                                 args.quiet)
 
 
 DEFAULT_METRICS = ("fid-digits", "kid-digits")

@@ -5,6 +5,11 @@ FID (Heusel et al. 2017), KID (Binkowski et al. 2018) and improved precision/rec
 
 - `fid-digits`, `kid-digits`, `pr-digits`: features of `digits-classifier-v1` (see
   `bench.digits_classifier`) against all 1797 scikit-learn digits, shipped in bench/assets.
+- `fid-mnist`, `kid-mnist`, `pr-mnist`: features of `mnist-classifier-v1` (see
+  `bench.mnist_classifier`) against MNIST's 10,000 test images, shipped in bench/assets.
+  Their floor's real data is the model's own, else 10,000 MNIST training images
+  (`bench.data.mnist_samples`), so any 28x28 model gets one; `fid-mnist` and `kid-mnist`
+  are the default metrics of a 1x28x28 model whose source names none.
 - `fid-inception`: pool3 features (2048-d) of torch-fidelity's `inception-v3-compat`
   (the TF-Inception port EDM's protocol uses); weights from torch-fidelity's cache or
   `--fid-weights PATH`; reference from `--ref-stats`: an EDM-style .npz of mu/sigma, an
@@ -61,6 +66,7 @@ import torch
 from torch import Tensor
 
 from .contracts import Batch, Metric, MetricContext, Value
+from .data import mnist_samples
 from .errors import ModelLoadError, UsageError
 from .metrics import _Moments, frechet_replicates, image_shape
 from .sources.download import fetch, offline
@@ -86,6 +92,13 @@ def _dc():
     from . import digits_classifier
 
     return digits_classifier
+
+
+def _mc():
+    """bench.mnist_classifier, which imports (and registers itself with) torch-fidelity."""
+    from . import mnist_classifier
+
+    return mnist_classifier
 
 
 def _url_inception() -> str:
@@ -139,19 +152,29 @@ def _cached(ctx: MetricContext, key: tuple, build: Callable[[], Any]) -> Any:
     return ctx.cache[key]
 
 
-def digits_space(ctx: MetricContext) -> FeatureSpace:
-    """digits-classifier-v1 features against all 1797 digits (shipped reference features)."""
+def classifier_space(ctx: MetricContext, module, key: str, title: str) -> FeatureSpace:
+    """A shipped classifier's features (`module`: NAME, FEATURES, reference_features())
+    against its shipped reference features."""
 
     def build() -> FeatureSpace:
         from torch_fidelity.utils import create_feature_extractor
 
-        dc = _dc()
-        extractor = create_feature_extractor(dc.NAME, [dc.FEATURES], cuda=False, verbose=False)
-        features = dc.reference_features()
+        extractor = create_feature_extractor(module.NAME, [module.FEATURES], cuda=False, verbose=False)
+        features = module.reference_features()
         reference = {**moments(features), "features": features}
-        return FeatureSpace("digits", "digits", extractor.to(ctx.device), reference, ctx.device)
+        return FeatureSpace(key, title, extractor.to(ctx.device), reference, ctx.device)
 
-    return _cached(ctx, ("digits",), build)
+    return _cached(ctx, (key,), build)
+
+
+def digits_space(ctx: MetricContext) -> FeatureSpace:
+    """digits-classifier-v1 features against all 1797 digits (shipped reference features)."""
+    return classifier_space(ctx, _dc(), "digits", "digits")
+
+
+def mnist_space(ctx: MetricContext) -> FeatureSpace:
+    """mnist-classifier-v1 features against MNIST's 10,000 test images (shipped reference features)."""
+    return classifier_space(ctx, _mc(), "mnist", "MNIST")
 
 
 def inception_space(ctx: MetricContext) -> FeatureSpace:
@@ -631,13 +654,24 @@ class PrecisionRecall(_Features):
         }
 
 
+def _fits(ctx: MetricContext, name: str, side: int) -> str | None:
+    """Why classifier `name` cannot take the model's images (grey or RGB, square, side a
+    multiple of `side`)."""
+    c, h, w = image_shape(ctx.denoiser)
+    if c in (1, 3) and h == w and h % side == 0:
+        return None
+    return (f"{name} takes grey or RGB square images of side {side}k, the model's are {c}x{h}x{w}; "
+            "use --metrics reference (any model)")
+
+
 def digits_fits(ctx: MetricContext) -> str | None:
     """Why digits-classifier-v1 cannot take the model's images (grey or RGB, square, side 8k)."""
-    c, h, w = image_shape(ctx.denoiser)
-    if c in (1, 3) and h == w and h % 8 == 0:
-        return None
-    return (f"digits-classifier-v1 takes grey or RGB square images of side 8k, the model's are {c}x{h}x{w}; "
-            "use --metrics reference (any model)")
+    return _fits(ctx, "digits-classifier-v1", 8)
+
+
+def mnist_fits(ctx: MetricContext) -> str | None:
+    """Why mnist-classifier-v1 cannot take the model's images (grey or RGB, square, side 28k)."""
+    return _fits(ctx, "mnist-classifier-v1", 28)
 
 
 def inception_fits(ctx: MetricContext) -> str | None:
@@ -669,10 +703,15 @@ def _applies(ctx: MetricContext, *, minimum: int, fits: Callable[[MetricContext]
 
 
 def _metric(name: str, state: type, space: Callable[[MetricContext], FeatureSpace], what: str,
-            fits: Callable[[MetricContext], str | None] = digits_fits, **options: Any) -> Metric:
+            fits: Callable[[MetricContext], str | None] = digits_fits, data: Callable | None = None,
+            default_for: tuple = (), **options: Any) -> Metric:
     minimum = PR_NEIGHBORHOOD + 1 if state is PrecisionRecall else 2
     return Metric(name, partial(state, space=space, name=name), what, floor=True,
-                  applies=partial(_applies, minimum=minimum, fits=fits), options=options)
+                  applies=partial(_applies, minimum=minimum, fits=fits), options=options,
+                  data_samples=data, default_for=default_for)
+
+
+MNIST = (1, 28, 28)  # the image shape whose models get fid-mnist and kid-mnist by default
 
 
 METRICS = [
@@ -690,6 +729,34 @@ METRICS = [
     ),
     _metric(
         "pr-digits", PrecisionRecall, digits_space, "precision and recall (digits), k=3 (torch-fidelity)"
+    ),
+    _metric(
+        "fid-mnist",
+        Frechet,
+        mnist_space,
+        "FID (MNIST): mnist-classifier-v1 features vs MNIST's 10,000 test images (torch-fidelity); "
+        "default for 1x28x28 models",
+        mnist_fits,
+        mnist_samples,
+        (MNIST,),
+    ),
+    _metric(
+        "kid-mnist",
+        Kernel,
+        mnist_space,
+        f"KID (MNIST): mean ± std over {KID_SUBSETS} subsets of up to {KID_SUBSET_SIZE} (torch-fidelity); "
+        "default for 1x28x28 models",
+        mnist_fits,
+        mnist_samples,
+        (MNIST,),
+    ),
+    _metric(
+        "pr-mnist",
+        PrecisionRecall,
+        mnist_space,
+        "precision and recall (MNIST), k=3 (torch-fidelity)",
+        mnist_fits,
+        mnist_samples,
     ),
     _metric(
         "fid-inception",

@@ -14,11 +14,13 @@ sample positions, against the same fixed reference.
 torch-fidelity is imported when a distance is computed, not with this module.
 
 Which metrics score a model's cells (`metric_set`), and whether they can, is settled
-before any cell runs. The set is the one named (`--metrics`), else the model source's own (`default_metrics`),
-else `reference` (the error to a converged solve of the model's own ODE), which needs no
-data and no feature network: every model has a metric. Each record says which set it used
-and why (`metric_set`). Once a model is loaded, every metric of its cells that declares
-`applies` is asked whether it can score it; the first that cannot stops the run with its
+before any cell runs. The set is the one named (`--metrics`), else the model source's own
+(`default_metrics`), else the metrics that declare the model's image shape
+(`Metric.default_for`: a 1x28x28 model gets `fid-mnist` and `kid-mnist`), else `reference`
+(the error to a converged solve of the model's own ODE), which needs no data and no feature
+network: every model has a metric. Each record says which set it used and why
+(`metric_set`). Once a model is loaded, every metric of its cells that declares `applies` is
+asked whether it can score it; the first that cannot stops the run with its
 one-line reason (exit 2), before any of the model's cells samples.
 """
 
@@ -305,13 +307,22 @@ FALLBACK = ("reference",)  # the metrics of a model with none of its own
 RUN_OPTIONS = {"bootstrap": 200}  # metric options every metric reads (bench.stats)
 
 
-def metric_set(registry, metrics: list[str] | None, model_spec: str) -> tuple[list[str], str]:
-    """(metric names, why them) for a model's cells."""
+def metric_set(registry, metrics: list[str] | None, model_spec: str,
+               model: Denoiser | None = None) -> tuple[list[str], str]:
+    """(metric names, why them) for a model's cells: those named, else the model source's
+    own, else (for a loaded `model`) the metrics declared for its image shape
+    (`Metric.default_for`), else `reference`."""
     if metrics is not None:
         return list(metrics), "named by --metrics"
     source = registry.get("models", model_spec.partition(":")[0])
     if source.default_metrics:
         return list(source.default_metrics), f"the own metrics of model source '{source.name}'"
+    shape = image_shape(model) if model is not None else None
+    by_shape = [m.name for m in registry.items["metrics"].values() if shape in m.default_for]
+    if by_shape:
+        size = "x".join(map(str, shape))
+        return by_shape, (f"model source '{source.name}' has no metric of its own; its images are {size}: "
+                          "the metrics declared for that shape")
     return list(FALLBACK), (f"model source '{source.name}' has no metric of its own: the error to a "
                             "converged solve of its ODE from the same noise")
 

@@ -134,7 +134,7 @@ def _run(registry: Registry, config: RunConfig, world: World, out: Run, on_cell,
         model_info = json.loads(json.dumps(plain.describe(), default=str))
         if world.main:
             out.update_config(model_info={**out.config.get("model_info", {}), model_spec: model_info})
-        specs = cell_specs(registry, config, model_spec, device, plain.default_schedule)
+        specs = cell_specs(registry, config, model_spec, device, plain.default_schedule, plain)
         ours = [(first + k, spec) for k, spec in enumerate(specs)
                 if (first + k) % config.shard[1] == config.shard[0]]
         first += len(specs)
@@ -144,7 +144,7 @@ def _run(registry: Registry, config: RunConfig, world: World, out: Run, on_cell,
         for spec in todo:
             check_cell(registry, spec, denoiser, device)
         # Before the model's first cell: every metric of its cells can score it
-        check_applies(registry, metric_set(registry, config.metrics, model_spec)[0], model_spec, plain,
+        check_applies(registry, metric_set(registry, config.metrics, model_spec, plain)[0], model_spec, plain,
                       {"num_samples": config.num_samples, "seed": config.seed, "device": device,
                        "cache": cache, "options": config.metric_options})
         # Before the model's first cell: what its uncached fit stages will cost, said once
@@ -234,7 +234,7 @@ def race_cell(registry, config: RunConfig, world: World, out: Run, first: CellSp
     """A method's cell grown to spec.num_samples: built once (at its first round), its earlier
     samples kept by its metric states; a session lost to a rerun is rebuilt by sampling the
     earlier seeds again."""
-    record = base_record(registry, config, spec, device, world)
+    record = base_record(registry, config, spec, device, world, full_precision(denoiser))
 
     def body() -> dict[str, Any]:
         if sessions.get(first.id) is None:
@@ -324,11 +324,12 @@ def interrupts() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def cell_specs(registry: Registry, config: RunConfig, model_spec: str,
-               device: torch.device, model_schedule: str | None = None) -> list[CellSpec]:
+def cell_specs(registry: Registry, config: RunConfig, model_spec: str, device: torch.device,
+               model_schedule: str | None = None, model: Denoiser | None = None) -> list[CellSpec]:
     """The model's cells in grid order: methods x budgets, each method in canonical form (a
-    method that names no schedule gets the model's preferred one, `model_schedule`, if any)."""
-    names, _ = metric_set(registry, config.metrics, model_spec)  # named, the model's own, else reference
+    method that names no schedule gets the model's preferred one, `model_schedule`, if any).
+    Their metrics are `metric_set`'s for the loaded `model` (its image shape counts)."""
+    names, _ = metric_set(registry, config.metrics, model_spec, model)
     metrics = tuple((n, registry.version_of("metrics", registry.canonical("metrics", n))) for n in names)
     options = tuple(sorted((k, str(v)) for k, v in config.metric_options.items()))
     methods = [canonical_method(registry, m, model_schedule) for m in config.methods]
@@ -353,7 +354,7 @@ def _batches(first: int, stop: int, size: int) -> Iterable[torch.Tensor]:
 
 
 def base_record(registry: Registry, config: RunConfig, spec: CellSpec, device,
-                world: World) -> dict[str, Any]:
+                world: World, model: Denoiser | None = None) -> dict[str, Any]:
     """What a record says of its cell before it runs: the spec, flat fields for tables, versions."""
     method = spec.method
     sampler = registry.get("samplers", method.sampler.name)
@@ -371,7 +372,7 @@ def base_record(registry: Registry, config: RunConfig, spec: CellSpec, device,
         "device": str(device),
         **config.speed_options(),
         "world_size": world.size,
-        "metric_set": metric_set(registry, config.metrics, spec.model)[1],
+        "metric_set": metric_set(registry, config.metrics, spec.model, model)[1],
         "versions": {
             "sampler": registry.version_of("samplers", sampler.name),
             "schedule": registry.version_of("schedules", method.schedule.name),
@@ -396,7 +397,7 @@ def run_cell(
     failure. In a multi-process run every rank calls it; rank 0's record is the cell's."""
     world = world or World()
     out = out or Run(config.run_dir())
-    record = base_record(registry, config, spec, device, world)
+    record = base_record(registry, config, spec, device, world, full_precision(denoiser))
 
     def body() -> dict[str, Any]:
         # Build the cell on every rank; a failure on any rank fails the cell on all of them
@@ -494,20 +495,22 @@ class Measurement:
 
 
 def data_floor(registry: Registry, spec: CellSpec, ctx: MetricContext, batch_size: int) -> dict[str, Any]:
-    """Each floor metric's value on real data at the cell's sample count (the model's
-    `data_samples`, drawn from seed 0), once per model, metric and count; {} when the model
-    cannot draw its data. What a perfect sampler would score at this n."""
-    draw = ctx.denoiser.data_samples
+    """Each floor metric's value on real data at the cell's sample count, drawn from seed 0:
+    the model's `data_samples`, else the metric's own (`Metric.data_samples`), once per
+    model, metric and count; {} where neither exists. What a perfect sampler would score at
+    this n."""
+    model_draw = ctx.denoiser.data_samples
     out: dict[str, Any] = {}
-    if draw is None:
-        return out
-    x = None  # the real samples, drawn once for every metric that needs them
+    drawn: dict[Any, torch.Tensor] = {}  # the real samples of each source, drawn once for every metric
     for name, _ in spec.metrics:
         metric = registry.get("metrics", name)
+        draw = model_draw or metric.data_samples
         key = ("floor", name, spec.num_samples)
-        if metric.floor and key not in ctx.cache:
+        if metric.floor and draw is not None and key not in ctx.cache:
             state = metric.create(ctx)
-            x = draw(spec.num_samples, 0).to(ctx.device) if x is None else x
+            if draw not in drawn:
+                drawn[draw] = draw(spec.num_samples, 0).to(ctx.device)
+            x = drawn[draw]
             for start in range(0, len(x), batch_size):
                 xb = x[start:start + batch_size]
                 idx = torch.arange(start, start + len(xb))
