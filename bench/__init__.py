@@ -45,7 +45,7 @@ _EXPORTS = {
     **dict.fromkeys(("Analysis", "analyse"), "analysis"),
     "Bootstrapped": "stats",
     **dict.fromkeys(("atomic_write", "cache_dir", "fingerprint", "writable_dir", "writable_file"), "files"),
-    "Declared": "sources.factory",
+    "Declared": "models.factory",
     "CountingDenoiser": "nfe",
     "SampleNoise": "seeding",
 }

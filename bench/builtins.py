@@ -15,14 +15,9 @@ from .plugins import deferred
 
 @hookimpl
 def register_models(register):
-    from .digits import SOURCES as DIGITS_SOURCES
-    from .mnist import SOURCES as MNIST_SOURCES
-    from .models import SOURCES as ANALYTIC_SOURCES
-    from .sources import SOURCES as CHECKPOINT_SOURCES
-    from .throughput import SOURCES as THROUGHPUT_SOURCES
+    from .models import sources
 
-    sources = [*ANALYTIC_SOURCES, *CHECKPOINT_SOURCES, *THROUGHPUT_SOURCES, *DIGITS_SOURCES, *MNIST_SOURCES]
-    for source in sources:
+    for source in sources():
         register(source)
 
 
@@ -36,42 +31,18 @@ def register_modifiers(register):
 
 @hookimpl
 def register_metrics(register):
-    from .clip import METRIC as CLIP
-    from .fidelity import METRICS as FEATURE_METRICS
-    from .metrics import METRICS
-    from .reference import METRIC as REFERENCE
+    from .metrics import metrics
 
-    for metric in [*METRICS, REFERENCE, *FEATURE_METRICS, CLIP]:
+    for metric in metrics():
         register(metric)
-
-
-REPORTERS = (
-    ("verdict", "render_verdict", "verdict.json: per budget the best method and those tied with it (paired)"),
-    ("console", "render_console", "tables on the terminal (rich)"),
-    ("csv", "render_csv", "results.csv: one row per cell, stable columns"),
-    ("markdown", "render_markdown", "report.md: the tables, environment and problems"),
-    ("html", "render_html", "report.html: tables, plots, sample grids, environment (self-contained)"),
-)
-
-
-def _deferred_render(name: str):
-    """bench.reports.<name>, imported when a run is rendered (pandas and matplotlib are slow
-    to import, and `bench list` needs neither)."""
-
-    def render(run, console):
-        from . import reports
-
-        return getattr(reports, name)(run, console)
-
-    return render
 
 
 @hookimpl
 def register_reporters(register):
-    from .contracts import Reporter
+    from .reporters import REPORTERS
 
-    for name, function, description in REPORTERS:
-        register(Reporter(name, _deferred_render(function), description))
+    for reporter in REPORTERS:
+        register(reporter)
 
 
 def _training_command(subparsers, name: str, what: str, data: str, steps: int, lr: str, objective: str,
@@ -93,13 +64,13 @@ def _training_command(subparsers, name: str, what: str, data: str, steps: int, l
 @hookimpl
 def register_commands(subparsers):
     """`bench train-digits` and `bench train-mnist`: train an embedded UNet and write its
-    weights (defaults: the recipes of bench.digits.TrainConfig and bench.mnist.TrainConfig,
+    weights (defaults: the recipes of bench.models.digits and bench.models.mnist,
     MODEL_CARD.md)."""
     p = _training_command(subparsers, "train-digits", "digits", "digits", 4000, "2e-3",
                           "edm (model digits) or flow: rectified flow, velocity (model digits-flow, "
                           "shipped as bench/assets/digits-flow-unet.safetensors)")
     p.add_argument("--channels", default=None, help="channels per level, the last the bottleneck's")
-    p.set_defaults(func=deferred("bench.digits:cmd_train_digits"))
+    p.set_defaults(func=deferred("bench.models.digits:cmd_train_digits"))
 
     p = _training_command(subparsers, "train-mnist", "mnist", "training images", 5000, "2e-3",
                           "edm (model mnist) or flow: rectified flow, velocity (model mnist-flow, "
@@ -108,4 +79,4 @@ def register_commands(subparsers):
     p.add_argument("--channels", default=None, help="channels at 14x14 and 7x7 (default 32,64)")
     p.add_argument("--blocks", type=int, default=None, help="ResBlocks (each a skip) per level (default 2)")
     p.add_argument("--heads", type=int, default=None, help="attention heads at 7x7 (default 4; 0: none)")
-    p.set_defaults(func=deferred("bench.mnist:cmd_train_mnist"))
+    p.set_defaults(func=deferred("bench.models.mnist:cmd_train_mnist"))

@@ -391,6 +391,7 @@ class Metric:
     options: Mapping[str, Any] = field(default_factory=dict)
     data_samples: Callable[[int, int], Tensor] | None = None
     default_for: tuple[tuple[int, int, int], ...] = ()
+    aliases: tuple[str, ...] = ()  # other names that resolve to it (an earlier version's, say)
 
 
 # --- Reporter -------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def cache_dir(name: str) -> Path:
     """$BENCH_CACHE/<name>, else ~/.cache/sampler-bench/<name>: where the harness and plugins
     keep what they fitted, searched or solved for a model (AMED's predictors, searched
     schedules, reference solves)."""
-    from .sources.download import cache_dir as root
+    from .models.download import cache_dir as root
 
     return root() / name
 

@@ -1,5 +1,5 @@
-"""Deprecated since 0.2: `bench.loaders` became the package `bench.sources` (one module per
-model source). A factory written for 0.1 (`from bench.loaders import Declared`) still
+"""Deprecated since 0.2: `bench.loaders` became one module per model source (bench.models
+since 0.3). A factory written for 0.1 (`from bench.loaders import Declared`) still
 imports from here, with a DeprecationWarning, until 0.4; new code writes `bench.Declared`.
 """
 
@@ -10,14 +10,14 @@ import warnings
 from typing import Any
 
 _HOMES = {
-    "sources": ("PREDICTION_ALIASES", "parse_arg", "split_arg", "class_indices"),
-    "sources.download": ("TIMEOUT_S", "cache_dir", "offline", "with_deadline", "reason", "open_url", "fetch"),
-    "sources.edm": ("EDM_URL", "EDM_PRESETS", "EDM_SIGMA_RANGE", "EasyDict", "PersistenceUnpickler",
+    "models.arguments": ("PREDICTION_ALIASES", "parse_arg", "split_arg", "class_indices"),
+    "models.download": ("TIMEOUT_S", "cache_dir", "offline", "with_deadline", "reason", "open_url", "fetch"),
+    "models.edm": ("EDM_URL", "EDM_PRESETS", "EDM_SIGMA_RANGE", "EasyDict", "PersistenceUnpickler",
                     "read_network_pickle", "EDMNetwork", "resolve_edm", "load_edm"),
-    "sources.diffusers": ("DIFFUSERS_PRESETS", "HF_FILES", "WEIGHTS", "diffusers_layout", "hf_snapshot",
+    "models.diffusers": ("DIFFUSERS_PRESETS", "HF_FILES", "WEIGHTS", "diffusers_layout", "hf_snapshot",
                           "resolve_diffusers", "read_scheduler", "alphas_cumprod", "unet_fn",
                           "load_diffusers"),
-    "sources.factory": ("Declared", "import_factory", "load_weights", "wrap_declared", "load_factory"),
+    "models.factory": ("Declared", "import_factory", "load_weights", "wrap_declared", "load_factory"),
 }
 MOVED = {name: module for module, names in _HOMES.items() for name in names}
 

@@ -330,7 +330,8 @@ def cell_specs(registry: Registry, config: RunConfig, model_spec: str, device: t
     method that names no schedule gets the model's preferred one, `model_schedule`, if any).
     Their metrics are `metric_set`'s for the loaded `model` (its image shape counts)."""
     names, _ = metric_set(registry, config.metrics, model_spec, model)
-    metrics = tuple((n, registry.version_of("metrics", registry.canonical("metrics", n))) for n in names)
+    canonical = [registry.canonical("metrics", n) for n in names]  # an alias (rmse) under its name
+    metrics = tuple((n, registry.version_of("metrics", n)) for n in dict.fromkeys(canonical))
     options = tuple(sorted((k, str(v)) for k, v in config.metric_options.items()))
     methods = [canonical_method(registry, m, model_schedule) for m in config.methods]
     specs = [

@@ -62,15 +62,15 @@ from torch import Tensor
 from .cell import CellSpec, Method, Solve, Spec, build, load_model
 from .config import RunConfig, methods_from
 from .contracts import Denoiser, Sampler, Schedule, check_denoiser, resolve_options
-from .digits import UNet, UNetConfig
 from .errors import BudgetExceeded, Infeasible
-from .metrics import reference_solve
-from .models import gaussian, mixture
+from .metrics.reference import reference_solve
+from .models.analytic import gaussian, mixture
+from .models.digits import UNet, UNetConfig
+from .models.edm import EDMNetwork
 from .nfe import CountingDenoiser
 from .plugins import load_registry
 from .plugins import registry as installed
 from .seeding import SampleNoise
-from .sources.edm import EDMNetwork
 
 __all__ = [
     "BUDGETS", "SEED", "SHAPE", "Case", "Solved", "check_batch_invariance", "check_convergence",
@@ -437,7 +437,7 @@ def random_unet(seed: int = 0) -> Denoiser:
     Parameters initialised to zero (the output layer, norms' biases) get random values too,
     so that the output depends on every layer."""
     from .adapters import Preconditioned
-    from .digits import SHAPE as DIGITS_SHAPE
+    from .models.digits import SHAPE as DIGITS_SHAPE
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -538,7 +538,7 @@ def console_width(width: int = 400) -> Iterator[None]:
 def to_uint8(x: Tensor) -> Tensor:
     """Images in [-1, 1] as uint8 0..255, rounded as runs store samples and as `fid-digits`
     reads them."""
-    from .digits_classifier import to_uint8 as convert
+    from .metrics.digits_classifier import to_uint8 as convert
 
     return convert(x)
 
@@ -546,7 +546,7 @@ def to_uint8(x: Tensor) -> Tensor:
 def digits_images() -> Tensor:
     """scikit-learn's 1797 handwritten digits, float32 [N, 1, 8, 8] in [-1, 1]: the data the
     digits models are fitted to."""
-    from .digits_classifier import digits
+    from .metrics.digits_classifier import digits
 
     return digits()[0]
 
@@ -554,13 +554,13 @@ def digits_images() -> Tensor:
 def digits_features(images: Tensor) -> Tensor:
     """The 64-d features of uint8 images [B, C, H, W] (H = W a multiple of 8) in the digits
     feature space (`digits-classifier-v1`), in which `fid-digits` and `kid-digits` compare."""
-    from .digits_classifier import extract, load_net
+    from .metrics.digits_classifier import extract, load_net
 
     return extract(load_net(), images)
 
 
 def digits_reference_features() -> Tensor:
     """The shipped features of all 1797 digits, the reference of `fid-digits` and `kid-digits`."""
-    from .digits_classifier import reference_features
+    from .metrics.digits_classifier import reference_features
 
     return reference_features()

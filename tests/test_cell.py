@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import bench
-import bench.reports
+import bench.analysis
+import bench.reporters.text
 from bench import CellSpec, Method, Spec
 from bench.cli import main
 from bench.compare import compare_cell, tolerances_from_json
-from bench.metrics import reference_solve
+from bench.metrics.reference import reference_solve
 from bench.plugins import load_registry
 from bench.runner import RunConfig, run
 from bench.testing import Case, solve
@@ -60,14 +61,16 @@ def test_runner_and_testing_share_build(tmp_path):
     """The runner's number for a cell is the number of bench.build's samples, and the
     conformance kit samples the very same values."""
     registry = bench.registry()
-    out, records = run(registry, RunConfig(models=["mixture"], methods=[Method(Spec("heun"))], nfe=[6],
-                                           num_samples=16, batch_size=16, metrics=["rmse"], out=tmp_path))
+    config = RunConfig(models=["mixture"], methods=[Method(Spec("heun"))], nfe=[6], num_samples=16,
+                       batch_size=16, metrics=["reference"], out=tmp_path)
+    out, records = run(registry, config)
     model = bench.load_model("mixture", registry=registry)
     spec = CellSpec("mixture", Method(Spec("heun")), 6, num_samples=16)
     s = bench.build(registry, spec, model).sample(range(16))
-    ref = reference_solve(model, s.eps.double() * model.sigma_max, model.sigma_max).float()
-    rmse = (s.x0 - ref).reshape(16, -1).double().pow(2).mean(1).sqrt().mean()
-    assert float(rmse) == pytest.approx(records[0]["metrics"]["rmse"]["value"], rel=1e-5)
+    # The analytic mixture's reference: RK4 in log sigma down to sigma_min, 128 steps (auto)
+    ref = reference_solve(model, s.eps.double() * model.sigma_max, model.sigma_max, model.sigma_min, 128)
+    rmse = (s.x0.double() - ref).reshape(16, -1).pow(2).mean(1).sqrt().mean()
+    assert float(rmse) == pytest.approx(records[0]["metrics"]["reference_rmse"]["value"], rel=1e-5)
     assert s.nfe == 6 == records[0]["nfe_counted"]
     # bench.testing draws the same samples through the same build
     case = Case.of("heun", model=model)
@@ -120,7 +123,7 @@ def test_python_api_matches_the_command_line(tmp_path, capsys):
     assert list(frame.columns) == list(cli.columns)
     for col in ("method", "nfe", "nfe_counted", "status"):
         assert frame[col].astype(str).tolist() == cli[col].astype(str).tolist()
-    for col in ("fd", "rmse", "rmse_std"):
+    for col in ("fd", "reference_rmse", "reference_rmse_std"):
         assert frame[col].tolist() == pytest.approx(cli[col].tolist(), rel=1e-12)
     # The run directory rides along, and bench.load reads the same frame back
     assert frame.attrs["run_dir"] == tmp_path / "api"
@@ -252,18 +255,18 @@ def test_a_run_directory_holds_one_sweep(tmp_path, capsys):
 def test_paired_verdicts(tmp_path):
     """Same samples under two names are tied (a zero interval); on the analytic Gaussian at 20
     NFE euler (20 steps) and heun (10 steps) differ significantly in their error to the exact
-    ODE solution (rmse, paired). Euler is the closer one there (rmse 0.044 vs 0.063 on 8
-    samples: the Gaussian's small variances make the last steps stiff, where Heun's halved
-    step count costs more than its order gains)."""
+    ODE solution (its closed form at sigma_min: `reference`, paired). Euler is the closer one
+    there: the Gaussian's small variances make the last steps stiff, where Heun's halved step
+    count costs more than its order gains."""
     frame = bench.run(model="gaussian", samplers="euler,euler:s_noise=1,heun", nfe=20, num_samples=64,
-                      metrics="rmse,fd", out=tmp_path / "v", report="verdict,markdown")
+                      metrics="reference,fd", out=tmp_path / "v", report="verdict,markdown")
     assert (frame["status"] == "ok").all()
     data = json.loads((tmp_path / "v" / "verdict.json").read_text())
-    rmse = next(v for v in data["verdicts"] if v["metric"] == "rmse" and v["nfe"] == 20)
+    rmse = next(v for v in data["verdicts"] if v["metric"] == "reference_rmse" and v["nfe"] == 20)
     assert rmse["best"] in ("euler", "euler:s_noise=1") and rmse["worse"] == ["heun"]
     assert rmse["methods"]["heun"]["interval"][0] > 0  # significantly worse, paired
     # A method against itself: identical replicates, a tie with a zero interval
-    twins = next(v for v in bench.reports.verdicts(bench.Run.open(tmp_path / "v")) if v["metric"] == "fd")
+    twins = next(v for v in bench.analysis.verdicts(bench.Run.open(tmp_path / "v")) if v["metric"] == "fd")
     a, b = twins["methods"]["euler"], twins["methods"]["euler:s_noise=1"]
     assert a["point"] == b["point"] and {a["status"], b["status"]} <= {"best", "tied"}
     from bench.stats import paired_interval
@@ -271,7 +274,7 @@ def test_paired_verdicts(tmp_path):
          np.load(tmp_path / "v" / frame_replicates(tmp_path / "v", "euler:s_noise=1")) as y:
         assert paired_interval(x["fd"], y["fd"]) == (0.0, 0.0)
     report = (tmp_path / "v" / "report.md").read_text()
-    assert report.index("## Verdict") < report.index("## rmse")  # the verdict comes first
+    assert report.index("## Verdict") < report.index("## RMSE to reference")  # the verdict comes first
 
 
 def frame_replicates(run_dir: Path, method: str) -> str:
@@ -301,11 +304,11 @@ def test_hostile_records_read_nothing_outside_the_run(tmp_path, capsys):
 def test_the_floor_is_real_data_at_the_same_n(tmp_path):
     """Records carry what real data scores at their n (fd of draws from the mixture itself);
     samplers are above it, and the tables and verdict show it."""
-    bench.run(model="mixture", samplers="euler", nfe=[3, 40], num_samples=128, metrics="fd,rmse",
+    bench.run(model="mixture", samplers="euler", nfe=[3, 40], num_samples=128, metrics="fd,reference",
               out=tmp_path / "f", report="verdict,markdown")
     records = bench.Run.open(tmp_path / "f").records
     floor = records[0]["floor"]
-    assert set(floor) == {"fd"} and floor["fd"]["n"] == 128  # rmse has no floor
+    assert set(floor) == {"fd"} and floor["fd"]["n"] == 128  # reference has no floor
     assert floor["fd"] == records[1]["floor"]["fd"]  # computed once, the same for every cell
     euler3 = records[0]["metrics"]["fd"]
     assert euler3["value"] > floor["fd"]["value"] + 2 * euler3["std"]
@@ -338,8 +341,8 @@ def test_repeats_are_disjoint_seed_blocks_reported_as_mean_sd_and_best(tmp_path)
     values = frame["fd"].tolist()
     md = (tmp_path / "r" / "report.md").read_text()
     mean, best = sum(values) / 3, min(values)
-    assert "3 blocks" in md and f"best {bench.reports.fmt(best)}" in md
-    assert bench.reports.pool(bench.Run.open(tmp_path / "r").records)[0]["metrics"]["fd"]["value"] == \
+    assert "3 blocks" in md and f"best {bench.reporters.text.fmt(best)}" in md
+    assert bench.analysis.pool(bench.Run.open(tmp_path / "r").records)[0]["metrics"]["fd"]["value"] == \
         pytest.approx(mean)
 
 

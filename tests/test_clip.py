@@ -15,14 +15,14 @@ pytest.importorskip("transformers")
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer  # noqa: E402
 
 from bench.cli import main  # noqa: E402
-from bench.clip import Clip  # noqa: E402
 from bench.contracts import Batch, MetricContext  # noqa: E402
-from bench.models import gaussian  # noqa: E402
+from bench.metrics.clip import Clip  # noqa: E402
+from bench.models.analytic import gaussian  # noqa: E402
 from bench.plugins import load_registry  # noqa: E402
 
 PROMPTS = ["a red cat", "a dog on grass", "two birds"]
 MODEL_FILE = '''
-from bench.models import gaussian
+from bench.models.analytic import gaussian
 
 
 def build():

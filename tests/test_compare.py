@@ -188,8 +188,9 @@ def test_degraded_sampler_fails_check_naming_sampler_budget_numbers(probe_baseli
     assert code == 1
     assert "check FAILED" in err
     for nfe in (4, 8):
-        line = next(line for line in err.splitlines() if f"probe @ NFE {nfe} on gaussian: rmse" in line)
-        base, head = (float(v) for v in line.split(": rmse ")[1].split(" (")[0].split(" -> "))
+        says = f"probe @ NFE {nfe} on gaussian: reference_rmse"
+        line = next(line for line in err.splitlines() if says in line)
+        base, head = (float(v) for v in line.split(": reference_rmse ")[1].split(" (")[0].split(" -> "))
         assert head > 1.1 * base and "z=" in line
 
 

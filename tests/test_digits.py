@@ -11,8 +11,8 @@ from PIL import Image
 
 from bench import Method, Spec
 from bench.cli import main
-from bench.digits import FLOW_FIELDS, FLOW_WEIGHTS, WEIGHTS, TrainConfig, UNet, load_unet
-from bench.digits_classifier import digits
+from bench.metrics.digits_classifier import digits
+from bench.models.digits import FLOW_FIELDS, FLOW_WEIGHTS, WEIGHTS, TrainConfig, UNet, load_unet
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
 from bench.records import read_lines as read_records

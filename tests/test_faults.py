@@ -446,7 +446,7 @@ def test_hostile_result_files_are_skipped_by_name(tmp_path, capsys):
     assert main(["compare", str(out), str(out)]) == 0
     # A --ref-stats file with pickled content is refused in one line (read before any Inception pass)
     from bench.errors import UsageError
-    from bench.fidelity import _npz_stats
+    from bench.metrics.fidelity import _npz_stats
 
     pickled = tmp_path / "ref.npz"
     np.savez(pickled, mu=np.array([{"x": 1}], dtype=object), sigma=np.zeros(2))

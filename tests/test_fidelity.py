@@ -15,14 +15,15 @@ from threadpoolctl import threadpool_limits
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGISTRY
 
-from bench import Method, Run, Spec, fidelity
-from bench import digits_classifier as dc
+from bench import Method, Run, Spec
 from bench.cli import main
 from bench.contracts import Batch, MetricContext
 from bench.errors import ModelLoadError, UsageError
-from bench.models import gaussian
+from bench.metrics import digits_classifier as dc
+from bench.metrics import fidelity
+from bench.models.analytic import gaussian
 from bench.plugins import load_registry
-from bench.reports import render_markdown
+from bench.reporters.text import render_markdown
 from bench.runner import RunConfig, run
 
 ONE_SHOT = dict(cuda=False, cache=False, verbose=False, save_cpu_ram=True, feature_extractor=dc.NAME)

@@ -22,8 +22,8 @@ from bench.cell import CellSpec, Method, Spec, build
 from bench.cli import main
 from bench.conditioning import read_prompts
 from bench.errors import ModelLoadError, UsageError
+from bench.models.diffusers import flow_shift, pipeline_files
 from bench.plugins import load_registry
-from bench.sources.diffusers import flow_shift, pipeline_files
 
 CPU = torch.device("cpu")
 PROMPTS = ["a red fox in the snow", "a lighthouse at night", "an astronaut on a horse", "a bowl of ramen"]

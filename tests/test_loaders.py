@@ -27,9 +27,9 @@ from bench import load_model
 from bench.cli import main
 from bench.contracts import Denoiser, check_denoiser
 from bench.errors import ModelLoadError, UsageError
+from bench.models.edm import EDM_PRESETS, EDMNetwork, load_edm
+from bench.models.factory import load_factory
 from bench.plugins import load_registry
-from bench.sources.edm import EDM_PRESETS, EDMNetwork, load_edm
-from bench.sources.factory import load_factory
 
 CPU = torch.device("cpu")
 BENCH = str(Path(sys.executable).with_name("bench"))
@@ -421,7 +421,7 @@ FACTORY_SRC = textwrap.dedent("""
         return {"net": Net(4), "shape": (1, 8, 8), "kind": "discrete", "alphas_cumprod": a}
 
     def build_denoiser():
-        from bench.models import gaussian
+        from bench.models.analytic import gaussian
         return gaussian(shape=(1, 8, 8))
 
     class Net28(torch.nn.Module):  # a tiny MNIST-sized network on (x, t), as flow and DDPM nets

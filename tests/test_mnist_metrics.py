@@ -21,15 +21,15 @@ import torch_fidelity
 from safetensors.torch import load_file
 from torch_fidelity.registry import DATASETS_REGISTRY, FEATURE_EXTRACTORS_REGISTRY
 
-from bench import CellSpec, Method, Spec, data, fidelity
-from bench import mnist_classifier as mc
+from bench import CellSpec, Method, Spec, data
 from bench.cell import load_model
-from bench.classifier import Images
 from bench.cli import main
 from bench.contracts import Batch, MetricContext
 from bench.errors import UsageError
-from bench.metrics import metric_set
-from bench.models import gaussian
+from bench.metrics import fidelity, metric_set
+from bench.metrics import mnist_classifier as mc
+from bench.metrics.classifier import Images
+from bench.models.analytic import gaussian
 from bench.plugins import load_registry
 from bench.runner import data_floor
 
@@ -156,7 +156,7 @@ def test_the_extractor_is_registered_and_takes_grey_rgb_and_56x56():
 
 def test_streaming_equals_torch_fidelity_calculate_metrics(registry, tmp_path):
     # torch-fidelity reads the test set's features from its cache (the shipped reference:
-    # the features its own extraction gives, `python -m bench.mnist_classifier --evaluate`)
+    # the features its own extraction gives, `python -m bench.metrics.mnist_classifier --evaluate`)
     torch.save(mc.reference_features(), tmp_path / f"{mc.DATASET}-{mc.NAME}-features-{mc.FEATURES}.pt")
     n = 200
     x = data.mnist_samples(n) + 0.4 * torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))

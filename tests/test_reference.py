@@ -18,11 +18,13 @@ from bench import CellSpec, Method, Spec, build
 from bench.cell import load_model
 from bench.cli import main
 from bench.contracts import Batch, MetricContext
+from bench.errors import UsageError
 from bench.images import to_uint8_nhwc
-from bench.models import gaussian
+from bench.metrics.reference import References, cache_dir
+from bench.models.analytic import gaussian, mixture
 from bench.plugins import load_registry
-from bench.reference import References, cache_dir
 from bench.seeding import SampleNoise
+from bench.testing import random_unet
 
 FACTORY = '''
 import torch
@@ -133,7 +135,7 @@ def test_a_28x28_factory_model_from_a_prefixed_pt_gets_the_reference_error_and_i
 
 def test_the_reference_matches_the_closed_form_ode_solution():
     model = gaussian()
-    ctx = MetricContext("gaussian", model, 8, 0, torch.device("cpu"), {})
+    ctx = MetricContext("gaussian", model, 8, 0, torch.device("cpu"), {}, {"reference_solver": "heun"})
     eps = SampleNoise(0, range(8), model.shape, "cpu")()
     errors = {}
     for steps in (32, 128):  # 128: the default
@@ -151,6 +153,31 @@ def test_the_reference_matches_the_closed_form_ode_solution():
     assert errors[128] < 5e-4 and 12 < errors[32] / errors[128] < 20  # 4x the steps, ~16x less error
 
 
+def test_the_analytic_models_take_their_exact_or_rk4_reference_by_default():
+    """The single Gaussian's reference is its closed form; the mixture's, RK4 in log sigma
+    (4th order: 16x less error for 2x the steps); a network's, Heun."""
+    eps = SampleNoise(0, range(8), (1, 8, 8), "cpu")()
+    model = gaussian()
+    exact = References(MetricContext("gaussian", model, 8, 0, torch.device("cpu"), {}), model.sigma_max, 128)
+    assert exact.solver == "exact" and exact.key["steps"] == 0
+    truth = model.ode_solution(eps.double() * model.sigma_max, model.sigma_max, model.sigma_min)
+    assert torch.equal(exact.solve(eps, torch.arange(8)), truth)
+    ctx = MetricContext("gaussian", model, 8, 0, torch.device("cpu"), {}, {"reference_solver": "rk4"})
+    errors = {}
+    for steps in (32, 64):
+        rk4 = References(ctx, model.sigma_max, steps).solve(eps, torch.arange(8))
+        errors[steps] = float((rk4 - truth).reshape(8, -1).pow(2).mean(1).sqrt().mean())
+    print(f"\nrk4 on gaussian: error {errors[32]:.3g} at 32 steps, {errors[64]:.3g} at 64")
+    assert errors[64] < 2e-5 and errors[32] / errors[64] > 10  # 4th order: about 16x
+    mix = References(MetricContext("mixture", mixture(), 8, 0, torch.device("cpu"), {}), 80.0, 8)
+    assert mix.solver == "rk4"
+    net = References(MetricContext("r", random_unet(), 8, 0, torch.device("cpu"), {}), 80.0, 8)
+    assert net.solver == "heun"
+    with pytest.raises(UsageError, match="no closed-form solution"):
+        References(MetricContext("mixture", mixture(), 8, 0, torch.device("cpu"), {},
+                                 {"reference_solver": "exact"}), 80.0, 8)
+
+
 def _feed(registry, ctx, eps, x0):
     state = registry.get("metrics", "reference").create(ctx)
     state.update(Batch(x0, eps, torch.arange(len(x0)), float(ctx.denoiser.sigma_max)))
@@ -163,6 +190,7 @@ def test_the_disk_cache_is_keyed_checked_and_refit(registry, bench_cache_root):
     x0 = torch.zeros(5, *model.shape)
 
     def ctx(**options):
+        options = {"reference_solver": "heun", **options}  # a solver with steps, keyed by them
         return MetricContext("gaussian:1x4x4", model, 5, 0, torch.device("cpu"), {}, options)
 
     first = _feed(registry, ctx(), eps, x0)
@@ -190,14 +218,16 @@ def test_the_disk_cache_is_keyed_checked_and_refit(registry, bench_cache_root):
     assert cache_dir() == bench_cache_root / "reference"
 
 
-def test_rmse_runs_on_a_float32_network(tmp_path):
-    # The digits UNet computes in float32; the RK4 reference once fed it float64 and crashed
+def test_rk4_runs_on_a_float32_network_and_rmse_names_the_reference(tmp_path):
+    # The digits UNet computes in float32; the RK4 reference once fed it float64 and crashed.
+    # `rmse`, the 0.2 name of the RK4 reference, is an alias of `reference` now
     out = tmp_path / "run"
     args = ["--model", "digits", "--samplers", "euler", "--nfe", "4", "--num-samples", "4",
-            "--metrics", "rmse"]
+            "--metrics", "rmse", "--metric-option", "reference_solver=rk4,reference_steps=16"]
     assert bench_run(out, *args) == 0
     (r,) = records(out)
-    assert r["status"] == "ok" and 0 < r["metrics"]["rmse"]["value"] < 1
+    assert r["status"] == "ok" and 0 < r["metrics"]["reference_rmse"]["value"] < 1
+    assert r["metric_info"]["reference"]["solver"].startswith("rk4, uniform in log sigma, 16 steps")
     assert r["metric_set"] == "named by --metrics"
 
 
@@ -249,4 +279,4 @@ def test_the_models_own_metrics_are_recorded_as_such(tmp_path):
                      "--num-samples", "8") == 0
     (r,) = records(out)
     assert r["metric_set"] == "the own metrics of model source 'gaussian'" and set(r["spec"]["metrics"]) == {
-        "fd", "rmse"}
+        "fd", "reference"}

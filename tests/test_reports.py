@@ -20,7 +20,8 @@ from rich.console import Console
 
 from bench import Run
 from bench.cli import main
-from bench.reports import pareto_front, render_html, tables
+from bench.reporters.html import pareto_front, render_html
+from bench.reporters.text import tables
 from bench.rundir import RESULTS
 
 EXAMPLE = Path(__file__).parent / "data" / "compare" / "base"  # a real run, see its README

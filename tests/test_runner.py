@@ -9,7 +9,7 @@ import torch
 
 from bench import CellSpec, Infeasible, Method, NotApplicable, Run, Spec, build
 from bench.errors import UsageError
-from bench.models import gaussian
+from bench.models.analytic import gaussian
 from bench.plugins import load_registry
 from bench.records import read_lines as read_records
 from bench.rundir import RESULTS
@@ -86,7 +86,7 @@ def test_results_do_not_depend_on_batch_size(registry, tmp_path):
     records = []
     for bs in (7, 40):
         cfg = config(tmp_path / str(bs), ["euler", "ddim:eta=1.0"], [5], batch_size=bs,
-                     num_samples=20, metrics=["fd", "rmse"])
+                     num_samples=20, metrics=["fd", "reference"])
         records.append(run(registry, cfg)[1])
     for a, b in zip(*records, strict=True):
         assert a["status"] == b["status"] == "ok"

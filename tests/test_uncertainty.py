@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from test_fidelity import one_thread  # noqa: F401 (autouse: one torch and one BLAS thread)
 
-from bench import digits_classifier as dc
 from bench.contracts import Batch, MetricContext
-from bench.digits import OptimalDenoiser
-from bench.models import mixture
+from bench.metrics import digits_classifier as dc
+from bench.models.analytic import mixture
+from bench.models.digits import OptimalDenoiser
 from bench.plugins import load_registry
 from bench.stats import index_sets, std_of, verdict
 
@@ -126,13 +126,13 @@ def test_digits_bootstrap_stds_match_the_spread_over_disjoint_blocks(registry, d
     agreement(values, stds)
 
 
-def test_rmse_std_is_the_plain_standard_error_and_the_bootstrap_agrees(registry):
+def test_reference_std_is_the_plain_standard_error_and_the_bootstrap_agrees(registry):
     model = mixture()
     x = euler(model, 300, 4, seed=2)
-    state = feed(registry, "rmse", x, model, eps=noise(model, 300, seed=2))
-    value = state.result()["rmse"]
-    boot = std_of(state.replicates(index_sets(300))["rmse"])
-    print(f"\nrmse: n=300, plain standard error {value.std:.3g}, bootstrap std {boot:.3g}")
+    state = feed(registry, "reference", x, model, eps=noise(model, 300, seed=2))
+    value = state.result()["reference_rmse"]
+    boot = std_of(state.replicates(index_sets(300))["reference_rmse"])
+    print(f"\nreference_rmse: n=300, plain standard error {value.std:.3g}, bootstrap std {boot:.3g}")
     assert boot == pytest.approx(value.std, rel=0.15)
 
 
@@ -166,12 +166,12 @@ def test_paired_verdicts_tie_a_method_with_itself_and_find_blurred_digits_worse(
 def test_identity_rows_reproduce_every_point_value(registry, digit_samples):
     model = mixture()
     x = euler(model, 150, 4, seed=3)
-    states = [feed(registry, name, x, model, eps=noise(model, 150, seed=3)) for name in ("fd", "rmse")]
+    states = [feed(registry, name, x, model, eps=noise(model, 150, seed=3)) for name in ("fd", "reference")]
     states += [feed(registry, name, digit_samples[:150]) for name in DIGIT_METRICS]
     identity = np.arange(150)[None]
     for state in states:
         reps, default = state.replicates(identity), state.replicates(index_sets(150))
         for key, value in state.result().items():
             assert reps[key][0] == pytest.approx(value.value, rel=1e-6, abs=1e-9), key
-            if key != "rmse":  # rmse reports its plain standard error
+            if not key.startswith("reference_"):  # the reference reports its plain standard error
                 assert value.std == std_of(default[key]), key

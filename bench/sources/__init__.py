@@ -1,60 +1,28 @@
-"""Model sources for the checkpoints people actually use, one module each:
-
-    edm.py        edm:PATH|URL|PRESET[;class=K]                NVlabs network pickle (--trust-pickle)
-    diffusers.py  diffusers:DIR|OWNER/REPO|PRESET[;prediction=P][;class=K][;resolution=N|HxW][;shift=S]
-    factory.py    factory:MODULE|FILE.py:FUNCTION[;weights=FILE][;strip_prefix=P][;key=value...]
-    download.py   the cache ($BENCH_CACHE), downloads with deadlines, offline errors
-
-The runner splits `--model name:arg` at the first ':'; the arg is a target followed by
-`;key=value` options (`parse_arg`). Each module is a complete ModelSource a third party
-can copy: resolve the target, load the network, adapt it to the Denoiser contract
-(bench.adapters) and say in one line what to do when something is missing.
+"""Deprecated since 0.3: the model sources moved to `bench.models` (edm, diffusers, factory,
+download; the argument helpers to bench.models.arguments). `bench.sources` and
+`bench.sources.<module>` still import, with a DeprecationWarning, until 0.4; a factory
+imports `bench.Declared`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import importlib
+import sys
+import warnings
 from typing import Any
 
-import torch
-from torch import Tensor
+warnings.warn("bench.sources is deprecated since 0.3; use bench.models (and bench.Declared)",
+              DeprecationWarning, stacklevel=2)
 
-from ..errors import UsageError
-from ..options import parse_pairs, resolve_options
-
-PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-
-
-def parse_arg(source: str, arg: str | None) -> tuple[str, dict[str, str]]:
-    """`target;key=value;...` -> (target, {key: value})."""
-    target, *pairs = (arg or "").split(";")
-    given = dict(parse_pairs(pairs, lambda pair: f"model '{source}:{arg}': option '{pair}' is not key=value"))
-    if not target.strip():
-        raise UsageError(f"model '{source}' needs an argument: write {source}:... (see `bench list models`)")
-    return target.strip(), given
+# The old submodules are the new ones: `from bench.sources.factory import Declared` still works
+for _name in ("edm", "diffusers", "factory", "download"):
+    sys.modules.setdefault(f"{__name__}.{_name}", importlib.import_module(f"bench.models.{_name}"))
 
 
-def split_arg(source: str, arg: str | None, known: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """`target;key=value;...` -> (target, options cast like `known`'s defaults)."""
-    target, given = parse_arg(source, arg)
-    return target, resolve_options("model", source, known, given)
-
-
-def class_indices(n: int, label_dim: int, fixed: int | None, device) -> Tensor:
-    """Class `fixed` for every row, else row mod label_dim."""
-    if fixed is not None and not label_dim:
-        raise UsageError(f"class={fixed} given but the model is unconditional; drop the class option")
-    if fixed is not None and not 0 <= fixed < label_dim:
-        raise UsageError(f"class={fixed} is out of range; the model has classes 0..{label_dim - 1}")
-    rows = torch.arange(n, device=device)
-    return torch.full_like(rows, fixed) if fixed is not None else rows % label_dim
-
-
-def __getattr__(name: str):
-    if name == "SOURCES":  # the sources, imported when the registry asks for them
-        from .diffusers import SOURCE as DIFFUSERS
-        from .edm import SOURCE as EDM
-        from .factory import SOURCE as FACTORY
-
-        return (EDM, DIFFUSERS, FACTORY)
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name in ("edm", "diffusers", "factory", "download"):
+        return sys.modules[f"{__name__}.{name}"]
+    arguments = importlib.import_module("bench.models.arguments")
+    if hasattr(arguments, name):
+        return getattr(arguments, name)
+    raise AttributeError(f"module 'bench.sources' has no attribute '{name}'")

@@ -6,7 +6,7 @@ by `factors` (innermost skip first). `find_sites(net)` lists the sites of the fi
 recognised UNet inside `net`, innermost first, so that skip k of K (k = 0 innermost)
 is the k-th skip the decoder consumes:
 
-- the embedded digits UNet (`bench.digits.UNet`): `skip_names` (outermost first) and one
+- the embedded digits UNet (`bench.models.digits.UNet`): `skip_names` (outermost first) and one
   decoder block `up[name]` per skip, called as `block(h, skip, emb)`;
 - diffusers `UNet2DModel` / `UNet2DConditionModel`: each of `up_blocks` receives
   `res_hidden_states_tuple` and its resnets pop and concatenate from the end;
@@ -97,7 +97,7 @@ def scale_trailing(channels: int, args: Args, kwargs: Kwargs, factors: Sequence[
 
 
 def digits_sites(net: nn.Module) -> list[SkipSite] | None:
-    """bench.digits.UNet: decoder block `up[name]` takes skip `name`; innermost last in skip_names."""
+    """bench.models.digits.UNet: decoder block `up[name]` takes skip `name`; innermost last in skip_names."""
     names, up = getattr(net, "skip_names", None), getattr(net, "up", None)
     if not names or not isinstance(up, nn.ModuleDict) or not all(n in up for n in names):
         return None

@@ -1,5 +1,5 @@
 """A small image classifier as a torch-fidelity feature space: what the digits and MNIST
-feature spaces (`bench.digits_classifier`, `bench.mnist_classifier`) share.
+feature spaces (`bench.metrics.digits_classifier`, `bench.metrics.mnist_classifier`) share.
 
 A feature space is a CNN trained to classify the data set's digits; its penultimate layer,
 after a ReLU, gives the features (non-negative like Inception's pool3), and a subclass of

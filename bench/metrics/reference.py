@@ -12,13 +12,18 @@ convergence error. The ODE is the model's own, guided where the cell is (a `targ
 modifier such as cfg: `bench.cell.target_model`); a cell that denoises to zero
 (`terminal: to zero`) differs from the endpoint by about sigma_min.
 
-Solver: EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1, S_churn = 0)
-on a Karras schedule (rho = 7) of N steps from the cell's first sigma to the model's
-sigma_min, 2N network calls a sample, in the network's own dtype (float32 for a float32
-network; an analytic model computes in float64). N is the metric option
-`reference_steps` (default 128). Its own error is checked once per model: the first
-CHECK samples are solved again with 2N steps, and `gap` (mean per-sample RMSE between the
-two) is recorded; for a second-order solver the N-step error is about 4/3 of it.
+Solver (the metric option `reference_solver`): `heun`, EDM's deterministic Heun sampler
+(Karras et al. 2022, Algorithm 1, S_churn = 0) on a Karras schedule (rho = 7) of N steps from
+the cell's first sigma to the model's sigma_min, 2N network calls a sample; `rk4`, classical
+Runge-Kutta in log sigma over N steps, 4N calls a sample, the analytic models' high-accuracy
+reference; `exact`, the closed-form ODE solution of a model that has one (the single
+Gaussian). The default `auto` takes exact where it exists, rk4 for the analytic models
+(float64 denoisers with known moments), heun for networks. The solve runs in the network's
+own dtype (float32 for a float32 network; an analytic model computes in float64). N is the
+metric option `reference_steps` (default 128). Its own error is checked once per model: the
+first CHECK samples are solved again with 2N steps, and `gap` (mean per-sample RMSE between
+the two) is recorded; for a second-order solver the N-step error is about 4/3 of it (an
+exact reference has none).
 
 Cache: the reference of a batch (its seeds and cell positions: a conditional model's
 labels may depend on either) is solved once per key -- format, solver, steps, sigma range,
@@ -45,13 +50,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cell import digest
-from .contracts import Batch, Denoiser, Metric, MetricContext, Value
-from .errors import UsageError
-from .files import cache_dir as store_cache_dir
-from .files import fingerprint
-from .solvers import heun_step
-from .stats import Bootstrapped, bootstrap_b, counts
+from ..cell import digest
+from ..contracts import Batch, Denoiser, Metric, MetricContext, Value
+from ..errors import UsageError
+from ..files import cache_dir as store_cache_dir
+from ..files import fingerprint
+from ..models.analytic import GaussianMixture
+from ..solvers import heun_step
+from ..stats import Bootstrapped, bootstrap_b, counts
 
 FORMAT = 2  # 2: the solve is bench.solvers.heun_step (round-off differs from 1)
 DEFAULT_STEPS = 128  # Heun steps of the reference solve (2 calls each)
@@ -90,10 +96,62 @@ def heun(denoiser: Denoiser, x: Tensor, sigmas: list[float]) -> Tensor:
     return x
 
 
+@torch.no_grad()
+def reference_solve(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigma_from: float,
+    sigma_to: float = 0.0,
+    steps: int = 256,
+    sigma_tiny: float = 1e-6,
+) -> Tensor:
+    """Probability-flow ODE solution by classical RK4 in s = log(sigma), the state in float64.
+
+    dx/ds = x - D(x, e^s). For sigma_to = 0 it integrates down to `sigma_tiny` and takes
+    the final denoise there, whose error is O(sigma_tiny^2). The network sees its own dtype
+    (a float32 network gets float32 inputs; an analytic model computes in float64).
+    """
+    dtype = network_dtype(denoiser)
+    D = lambda x_, sigma: denoiser(x_.to(dtype), sigma).double()  # noqa: E731
+    d = lambda x_, s: x_ - D(x_, math.exp(s))  # noqa: E731
+    end = sigma_to if sigma_to > 0 else sigma_tiny
+    x = x.double()
+    s, h = math.log(sigma_from), (math.log(end) - math.log(sigma_from)) / steps
+    for _ in range(steps):
+        # One classical Runge-Kutta step of size h in log-sigma
+        k1 = d(x, s)
+        k2 = d(x + h / 2 * k1, s + h / 2)
+        k3 = d(x + h / 2 * k2, s + h / 2)
+        k4 = d(x + h * k3, s + h)
+        x, s = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), s + h
+    return D(x, end) if sigma_to == 0 else x
+
+
+
+
 def per_sample_rmse(a: Tensor, b: Tensor) -> Tensor:
     """RMSE of each row of a against b, float64 on the CPU."""
     diff = a.detach().double().cpu() - b.detach().double().cpu()
     return diff.reshape(len(diff), -1).pow(2).mean(1).sqrt()
+
+
+SOLVERS = ("auto", "heun", "rk4", "exact")
+SCHEDULES = {"heun": f"karras rho={RHO:g}", "rk4": "uniform in log sigma", "exact": "closed form"}
+
+
+def reference_solver(options: Mapping[str, Any], model: Denoiser) -> str:
+    """The solver the metric option `reference_solver` names, `auto` resolved for the model."""
+    wanted = str(options.get("reference_solver", "auto")) if options else "auto"
+    if wanted not in SOLVERS:
+        raise UsageError(f"metric option reference_solver={wanted!r}: give one of {', '.join(SOLVERS)}")
+    closed = isinstance(model, GaussianMixture) and len(model.mu) == 1  # a wrapper's ODE is its own
+    if wanted == "exact" and not closed:
+        raise UsageError("metric option reference_solver=exact: the model's ODE has no closed-form "
+                         "solution here; use rk4 or heun")
+    if wanted != "auto":
+        return wanted
+    analytic = network_dtype(model) == torch.float64 and model.moments is not None
+    return "exact" if closed else "rk4" if analytic else "heun"
 
 
 class References:
@@ -103,6 +161,7 @@ class References:
         model = ctx.denoiser
         self.ctx, self.model, self.steps = ctx, model, steps
         self.dtype = network_dtype(model)
+        self.solver = reference_solver(ctx.options, model)
         self.sigmas = karras(steps, float(model.sigma_min), float(sigma_max))
         memo = ("reference-fingerprint", id(model))  # hashing every weight once per run
         fp = ctx.cache.get(memo)
@@ -110,9 +169,9 @@ class References:
             fp = ctx.cache[memo] = fingerprint(model)
         self.key = {
             "format": FORMAT,
-            "solver": "heun",
-            "schedule": f"karras rho={RHO:g}",
-            "steps": steps,
+            "solver": self.solver,
+            "schedule": SCHEDULES[self.solver],
+            "steps": 0 if self.solver == "exact" else steps,
             "sigma_max": float(sigma_max),
             "sigma_min": float(model.sigma_min),
             "model": ctx.model,
@@ -128,7 +187,13 @@ class References:
         x = eps.to(self.ctx.device, self.dtype) * sigmas[0]
         with torch.no_grad():
             self.model.select(indices)  # the batch's conditioning, as its cell had it
-            return self.model.decode(heun(self.model, x, sigmas)).detach().cpu()
+            if self.solver == "exact":
+                x = self.model.ode_solution(x, sigmas[0], sigmas[-1])
+            elif self.solver == "rk4":
+                x = reference_solve(self.model, x, sigmas[0], sigmas[-1], steps or self.steps).to(self.dtype)
+            else:
+                x = heun(self.model, x, sigmas)
+            return self.model.decode(x).detach().cpu()
 
     def get(self, batch: Batch, seeds: Tensor) -> tuple[Tensor, bool, float]:
         """The batch's references, whether they were solved here (else cached) and the seconds
@@ -167,7 +232,7 @@ class References:
     def _write(self, path: Path, ref: Tensor, seeds: Tensor, indices: Tensor) -> None:
         from safetensors.torch import save
 
-        from .files import atomic_write
+        from ..files import atomic_write
 
         tensors = {"x0": ref.contiguous(), "seeds": seeds.cpu().long(), "indices": indices.cpu().long()}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,14 +255,17 @@ class References:
         """Once per key: the first CHECK samples at 2N steps against their N-step solves."""
         if self.check() is not None:
             return
-        from .files import atomic_write
+        from ..files import atomic_write
 
         k = min(CHECK, len(ref))
         start = time.perf_counter()
-        fine = self.solve(batch.eps[:k], batch.indices[:k], 2 * self.steps)
-        gap = per_sample_rmse(ref[:k], fine)
-        found = {"check_n": k, "check_steps": 2 * self.steps, "gap": float(gap.mean()),
-                 "gap_max": float(gap.max()), "check_s": time.perf_counter() - start}
+        if self.solver == "exact":  # a closed form has no discretisation error
+            found = {"check_n": 0, "check_steps": 0, "gap": 0.0, "gap_max": 0.0, "check_s": 0.0}
+        else:
+            fine = self.solve(batch.eps[:k], batch.indices[:k], 2 * self.steps)
+            gap = per_sample_rmse(ref[:k], fine)
+            found = {"check_n": k, "check_steps": 2 * self.steps, "gap": float(gap.mean()),
+                     "gap_max": float(gap.max()), "check_s": time.perf_counter() - start}
         self.ctx.cache[("reference-check", self.name)] = found
         cache_dir().mkdir(parents=True, exist_ok=True)
         atomic_write(cache_dir() / f"{self.name}.json", json.dumps({"key": self.key, **found}, indent=1))
@@ -268,16 +336,19 @@ class ReferenceError(Bootstrapped):
         refs = self.refs
         if refs is None:
             return {}
-        return {"solver": f"heun, {refs.key['schedule']}, {self.steps} steps ({2 * self.steps} calls a "
-                          f"sample), sigma {refs.sigmas[0]:g} -> {refs.sigmas[-1]:g}, {refs.key['dtype']}",
+        calls = {"heun": 2 * self.steps, "rk4": 4 * self.steps, "exact": 0}[refs.solver]
+        steps = "" if refs.solver == "exact" else f", {self.steps} steps ({calls} calls a sample)"
+        return {"solver": f"{refs.solver}, {refs.key['schedule']}{steps}, sigma {refs.sigmas[0]:g} -> "
+                          f"{refs.sigmas[-1]:g}, {refs.key['dtype']}",
                 "key": refs.name, "solved": self.solved, "cached": self.cached,
                 "reference_s": self.seconds, **(refs.check() or {})}
 
 
 def reference_applies(ctx: MetricContext) -> str | None:
-    """Any model; only a bad `reference_steps` stops it."""
+    """Any model; only a bad `reference_steps` or `reference_solver` stops it."""
     try:
         reference_steps(ctx.options)
+        reference_solver(ctx.options, ctx.denoiser)
     except UsageError as exc:
         return str(exc)
     return None
@@ -286,8 +357,9 @@ def reference_applies(ctx: MetricContext) -> str | None:
 METRIC = Metric(
     "reference",
     ReferenceError,
-    "RMSE and PSNR of each sample to a converged Heun solve of the model's ODE from the same noise "
+    "RMSE and PSNR of each sample to a converged solve of the model's ODE from the same noise "
     "(any model; the default where a model has no metric of its own)",
     applies=reference_applies,
-    options={"reference_steps": DEFAULT_STEPS},
+    options={"reference_steps": DEFAULT_STEPS, "reference_solver": "auto"},
+    aliases=("rmse",),  # the analytic models' RK4 reference of 0.2, now reference_solver=rk4
 )

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..contracts import Denoiser, ModelSource
 from ..errors import ModelLoadError, unknown
-from . import class_indices, split_arg
+from .arguments import class_indices, split_arg
 from .download import cache_dir, fetch
 
 EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"

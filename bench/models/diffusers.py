@@ -30,7 +30,7 @@ from ..adapters import DiscreteVP, Flow
 from ..conditioning import prompt_rows, prompts_digest, read_prompts
 from ..contracts import Denoiser, ModelSource
 from ..errors import ModelLoadError, UsageError, unknown
-from . import PREDICTION_ALIASES, class_indices, split_arg
+from .arguments import PREDICTION_ALIASES, class_indices, split_arg
 from .download import TIMEOUT_S, offline, open_url, reason
 
 DIFFUSERS_PRESETS = {

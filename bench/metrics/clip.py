@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .contracts import Batch, Metric, MetricContext, Value
-from .errors import ModelLoadError
-from .metrics import image_shape
-from .stats import Bootstrapped, bootstrap_b, counts
+from ..contracts import Batch, Metric, MetricContext, Value
+from ..errors import ModelLoadError
+from ..stats import Bootstrapped, bootstrap_b, counts
+from . import image_shape
 
 # CLIP's image normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

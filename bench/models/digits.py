@@ -1,7 +1,7 @@
 """The embedded pretrained models: a small UNet trained on scikit-learn's digits, and the
 exact optimal denoiser of the same training set (MODEL_CARD.md).
 
-Data: all 1797 digits of `bench.digits_classifier.digits` (8x8, grey levels 0..16 scaled
+Data: all 1797 digits of `bench.metrics.digits_classifier.digits` (8x8, grey levels 0..16 scaled
 to [-1, 1] as v / 8 - 1), the images the digits feature space's reference statistics
 come from.
 
@@ -29,19 +29,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import training
-from .adapters import Flow, Preconditioned
-from .contracts import ModelSource
-from .errors import UsageError
-from .models import GaussianMixture
-from .training import FLOW_FIELDS, Recipe  # noqa: F401 (FLOW_FIELDS: the digits metadata's)
+from .. import training
+from ..adapters import Flow, Preconditioned
+from ..contracts import ModelSource
+from ..errors import UsageError
+from ..training import FLOW_FIELDS, Recipe  # noqa: F401 (FLOW_FIELDS: the digits metadata's)
+from .analytic import GaussianMixture
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 WEIGHTS = ASSETS / "digits-unet.safetensors"
 FLOW_WEIGHTS = ASSETS / "digits-flow-unet.safetensors"
 SIGMAS = (0.002, 80.0)  # both models' sigma range (EDM's); digits-flow's t = sigma / (1 + sigma)
 SHAPE = (1, 8, 8)
-META_KEY = "bench.digits"
+META_KEY = "bench.digits"  # the weights files' metadata key (unchanged since 0.1)
 
 
 # --- Network --------------------------------------------------------------------------
@@ -192,7 +192,7 @@ class TrainConfig(Recipe):
 def train(config: TrainConfig, log: Callable[[str], None] | None = None) -> tuple[UNet, dict[str, Any]]:
     """Train the digits UNet on all 1797 digits (the first `limit`); returns the EMA network
     and a summary. Deterministic on the CPU (bench.training.train)."""
-    from .digits_classifier import digits
+    from ..metrics.digits_classifier import digits
 
     data = digits()[0][: config.limit]
     return training.train(config, data, partial(UNet, UNetConfig(channels=tuple(config.channels))), log)
@@ -229,7 +229,7 @@ def load_digits_flow(arg: str | None = None, device=None, **_) -> Flow:
 
 def digits_samples(n: int, seed: int = 0) -> Tensor:
     """n of the 1797 digits (without replacement up to 1797), in [-1, 1]: real data at n."""
-    from .digits_classifier import digits
+    from ..metrics.digits_classifier import digits
 
     images = digits()[0]
     gen = torch.Generator().manual_seed(seed)
@@ -261,7 +261,7 @@ class OptimalDenoiser(GaussianMixture):
 
 def load_digits_optimal(arg: str | None = None, device=None, **_) -> OptimalDenoiser:
     """Model source `digits-optimal`: the exact denoiser of the 1797 digits."""
-    from .digits_classifier import digits
+    from ..metrics.digits_classifier import digits
 
     if arg:
         raise UsageError(f"model 'digits-optimal' takes no argument; got '{arg}'")
@@ -286,7 +286,7 @@ def cmd_train_digits(registry, args) -> int:
                          limit=args.limit, channels=channels, objective=args.objective)
     if config.objective not in training.OBJECTIVES:
         raise UsageError(f"--objective: '{config.objective}' is not one of {', '.join(training.OBJECTIVES)}")
-    from .digits_classifier import digits
+    from ..metrics.digits_classifier import digits
 
     build = partial(UNet, UNetConfig(channels=channels))
     return training.run_training(config, lambda: digits()[0][: config.limit], build, args.out, META_KEY,

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..adapters import FLOW_PREDICTIONS, PREDICTIONS, DiscreteVP, Flow, Preconditioned
 from ..contracts import Denoiser, ModelSource, cast_like
 from ..errors import ModelLoadError, UsageError
-from . import PREDICTION_ALIASES, parse_arg
+from .arguments import PREDICTION_ALIASES, parse_arg
 from .download import reason
 
 
@@ -244,7 +244,7 @@ def load_factory(arg: str | None, device=None, **_: Any) -> Denoiser:
     if not isinstance(made, Declared):
         raise ModelLoadError(
             f"factory {target} returned {type(made).__name__}; return a "
-            "bench.Denoiser, a bench.sources.factory.Declared or a dict of its fields"
+            "bench.Denoiser, a bench.Declared or a dict of its fields"
         )
     denoiser = wrap_declared(made)  # kind, prediction and shape checked before the weights load
     if weights:

@@ -4,9 +4,9 @@ FID (Heusel et al. 2017), KID (Binkowski et al. 2018) and improved precision/rec
 (Kynkäänniemi et al. 2019) compare the samples' features with a reference set's:
 
 - `fid-digits`, `kid-digits`, `pr-digits`: features of `digits-classifier-v1` (see
-  `bench.digits_classifier`) against all 1797 scikit-learn digits, shipped in bench/assets.
+  `bench.metrics.digits_classifier`) against all 1797 scikit-learn digits, shipped in bench/assets.
 - `fid-mnist`, `kid-mnist`, `pr-mnist`: features of `mnist-classifier-v1` (see
-  `bench.mnist_classifier`) against MNIST's 10,000 test images, shipped in bench/assets.
+  `bench.metrics.mnist_classifier`) against MNIST's 10,000 test images, shipped in bench/assets.
   Their floor's real data is the model's own, else 10,000 MNIST training images
   (`bench.data.mnist_samples`), so any 28x28 model gets one; `fid-mnist` and `kid-mnist`
   are the default metrics of a 1x28x28 model whose source names none.
@@ -28,7 +28,7 @@ the n sample features with replacement, recompute against the fixed reference; B
 the run's metric option `bootstrap`, default `bench.stats.DEFAULT_B`), and every state
 has `replicates(index_sets)` for paired comparisons (`bench.stats`):
 
-- FID: `bench.metrics.frechet_replicates` (weighted moments per replicate; tr sqrt from
+- FID: `bench.metrics.analytic.frechet_replicates` (weighted moments per replicate; tr sqrt from
   the eigenvalues of sqrt(S_ref) S sqrt(S_ref), batched in float64). B = 200 on the 64-d
   digits features: 0.02 / 0.05 / 0.09 s at n = 256 / 1000 / 2000 (one core, measured).
   On 2048-d Inception features each replicate costs n d^2 + d^3 (an n x n Gram
@@ -65,12 +65,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .contracts import Batch, Metric, MetricContext, Value
-from .data import mnist_samples
-from .errors import ModelLoadError, UsageError
-from .metrics import _Moments, frechet_replicates, image_shape
-from .sources.download import fetch, offline
-from .stats import Bootstrapped, bootstrap_b, counts
+from ..contracts import Batch, Metric, MetricContext, Value
+from ..data import mnist_samples
+from ..errors import ModelLoadError, UsageError
+from ..models.download import fetch, offline
+from ..stats import Bootstrapped, bootstrap_b, counts
+from . import image_shape
+from .analytic import _Moments, frechet_replicates
 
 if TYPE_CHECKING:
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -88,14 +89,14 @@ PR_NEAREST = 32  # neighbours kept per sample for the replicates' k-NN radii
 
 
 def _dc():
-    """bench.digits_classifier, which imports (and registers itself with) torch-fidelity."""
+    """bench.metrics.digits_classifier, which imports (and registers itself with) torch-fidelity."""
     from . import digits_classifier
 
     return digits_classifier
 
 
 def _mc():
-    """bench.mnist_classifier, which imports (and registers itself with) torch-fidelity."""
+    """bench.metrics.mnist_classifier, which imports (and registers itself with) torch-fidelity."""
     from . import mnist_classifier
 
     return mnist_classifier

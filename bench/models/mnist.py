@@ -4,7 +4,7 @@ preconditioning (`mnist`) and with the rectified-flow objective (`mnist-flow`)
 
 Data: `bench.data.mnist("train")`, 28x28 grey digits scaled to [-1, 1] as v / 127.5 - 1.
 
-UNet: the digits UNet's blocks (`bench.digits.ResBlock`, `UpBlock`, the noise embedding)
+UNet: the digits UNet's blocks (`bench.models.digits.ResBlock`, `UpBlock`, the noise embedding)
 at a CPU-friendly resolution: a 2x2 pixel-unshuffle stem folds 1x28x28 into 4x14x14, the
 encoder runs at 14x14 and 7x7, self-attention in the 7x7 bottleneck, and a pixel-shuffle
 unfolds the output. Every encoder ResBlock's output is a named skip that one decoder
@@ -23,19 +23,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import training
-from .adapters import Flow, Preconditioned
-from .contracts import ModelSource
+from .. import training
+from ..adapters import Flow, Preconditioned
+from ..contracts import ModelSource
+from ..errors import UsageError
+from ..training import Recipe
 from .digits import FourierEmbedding, ResBlock, UpBlock, embed_noise, norm
-from .errors import UsageError
-from .training import Recipe
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 WEIGHTS = ASSETS / "mnist-unet.safetensors"
 FLOW_WEIGHTS = ASSETS / "mnist-flow-unet.safetensors"
 SIGMAS = (0.002, 80.0)  # EDM's range; mnist-flow's in t = sigma / (1 + sigma)
 SHAPE = (1, 28, 28)
-META_KEY = "bench.mnist"
+META_KEY = "bench.mnist"  # the weights files' metadata key
 
 
 # --- Network --------------------------------------------------------------------------
@@ -82,7 +82,7 @@ class UNet(nn.Module):
 
     Encoder level i has `blocks` ResBlocks whose outputs are the skips `skip{k}`, numbered
     in the order they are made (k = 0 outermost), then a 2x average pool between levels.
-    Decoder block `up[skip{k}]` (a `bench.digits.UpBlock`) concatenates skip k, the
+    Decoder block `up[skip{k}]` (a `bench.models.digits.UpBlock`) concatenates skip k, the
     innermost first; the first block of a finer level upsamples. `skip_names` lists them
     outermost first. `forward(..., return_bottleneck=True)` returns (F, bottleneck feature).
     """
@@ -168,7 +168,7 @@ class TrainConfig(Recipe):
 
 def mnist_images(split: str = "train", limit: int | None = None) -> Tensor:
     """MNIST's `split` as float32 [N, 1, 28, 28] in [-1, 1] (v / 127.5 - 1), the first `limit`."""
-    from .data import mnist
+    from ..data import mnist
 
     images = mnist(split)[0][:limit]
     return torch.from_numpy(images.astype("float32") / 127.5 - 1).unsqueeze(1)
@@ -200,7 +200,7 @@ def load_mnist_flow(arg: str | None = None, device=None, **_) -> Flow:
 
 def data_samples(n: int, seed: int = 0) -> Tensor:
     """n real MNIST digits in [-1, 1] (bench.data.mnist_samples), for the metrics' floor."""
-    from .data import mnist_samples
+    from ..data import mnist_samples
 
     return mnist_samples(n, seed=seed)
 

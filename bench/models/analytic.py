@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .contracts import Denoiser, ModelSource
+from ..contracts import Denoiser, ModelSource
 
 
 class GaussianMixture(Denoiser):
@@ -124,7 +124,7 @@ def parse_shape(arg: str | None, default=(1, 8, 8)) -> tuple[int, int, int]:
     """`3x16x16` -> (3, 16, 16)."""
     if not arg:
         return tuple(default)
-    from .errors import UsageError
+    from ..errors import UsageError
 
     try:
         c, h, w = (int(v) for v in arg.lower().split("x"))
@@ -146,12 +146,12 @@ SOURCES = [
         "mixture",
         _load_mixture,
         "analytic 8-component Gaussian mixture, exact denoiser (mixture[:CxHxW], default 1x8x8)",
-        default_metrics=("fd", "rmse"),
+        default_metrics=("fd", "reference"),
     ),
     ModelSource(
         "gaussian",
         _load_gaussian,
         "analytic single Gaussian, closed-form ODE solution (gaussian[:CxHxW])",
-        default_metrics=("fd", "rmse"),
+        default_metrics=("fd", "reference"),
     ),
 ]
