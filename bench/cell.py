@@ -219,6 +219,11 @@ class Recipe:
         return self.spec.id
 
     @property
+    def stochastic(self) -> bool:
+        """Whether the sampler, with these options, draws fresh noise as it solves."""
+        return self.sampler.draws_noise(self.options)
+
+    @property
     def searched(self) -> bool:
         """Whether a searched schedule finds the sigmas for this very cell (Schedule.fit); a
         sampler's own time steps take precedence."""
@@ -370,7 +375,12 @@ class Solve:
     draws: int = field(init=False)  # noise draws a batch takes, learnt per batch
 
     def __post_init__(self) -> None:
-        self.draws = self.plan.steps if self.sampler.stochastic else 0  # a first guess
+        self.draws = self.plan.steps if self.stochastic else 0  # a first guess
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the cell's sampler, with its options, draws fresh noise as it solves."""
+        return self.sampler.draws_noise(self.options)
 
     def sample(self, indices: Iterable[int] | Tensor, noise_seed: int | None = None) -> Sampled:
         """The samples at cell positions `indices`, each from its own seed, the solve timed
@@ -420,6 +430,7 @@ class Solve:
             # spend a last call there to denoise to 0
             "terminal": "to zero" if float(self.sigmas[-1]) == 0 else "sigma_min",
             "sigmas": [round(float(s), 6) for s in self.sigmas],
+            "stochastic": self.stochastic,
             **({"modifiers_applied": self.applied} if self.applied else {}),
             **self.prep,
         }

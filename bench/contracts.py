@@ -210,6 +210,9 @@ class Sampler:
     `estimate(denoiser, sigmas, options, call_s) -> {"calls", "seconds"} | None`, if given,
     is what prepare would cost when nothing is cached (None when it is), `call_s(batch)`
     being the seconds of one forward pass; `bench run` prints it before the run.
+    `stochastic` says whether it draws fresh noise at its defaults; `stochastic_when(options)`,
+    if given, says it for other options (churn > 0, eta > 0): a stochastic cell's distance to
+    the ODE's solution is no convergence error, so metrics that need one skip it.
     """
 
     name: str
@@ -223,6 +226,12 @@ class Sampler:
     prepare: Callable[..., Mapping[str, Any]] | None = None
     aliases: tuple[str, ...] = ()  # other names that resolve to it (k-diffusion's, say)
     estimate: Callable[..., Mapping[str, float] | None] | None = None
+    stochastic_when: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def draws_noise(self, options: Mapping[str, Any]) -> bool:
+        """Whether the sampler with these (resolved) options draws fresh noise as it solves:
+        `stochastic_when(options)` where the options decide (EDM churn, eta), else `stochastic`."""
+        return bool(self.stochastic_when(options)) if self.stochastic_when is not None else self.stochastic
 
 
 # --- Schedule -------------------------------------------------------------------------
@@ -381,7 +390,10 @@ class Metric:
     `options` are the run metric options it reads (`--metric-option KEY=VALUE`), with their
     defaults. `default_for` lists image shapes (C, H, W) the metric scores by default: a
     model whose source names no metrics of its own and whose images have such a shape gets
-    it (FID on MNIST's features for any 1x28x28 model)."""
+    it (FID on MNIST's features for any 1x28x28 model). With `deterministic_only` the metric
+    is not defined for a cell whose sampler draws fresh noise (a distance to the model's own
+    ODE solution): such a cell records it as not applicable and is never ranked on it.
+    `answers` is the question it answers, which verdicts show ("closest to the data")."""
 
     name: str
     create: Callable[[MetricContext], MetricState]
@@ -392,6 +404,8 @@ class Metric:
     data_samples: Callable[[int, int], Tensor] | None = None
     default_for: tuple[tuple[int, int, int], ...] = ()
     aliases: tuple[str, ...] = ()  # other names that resolve to it (an earlier version's, say)
+    deterministic_only: bool = False
+    answers: str = ""
 
 
 # --- Reporter -------------------------------------------------------------------------

@@ -465,9 +465,15 @@ class Measurement:
         model = target_model(registry, spec, full_precision(denoiser), cache)
         self.ctx = MetricContext(spec.model, model, spec.num_samples, spec.seed, device, cache,
                                  config.metric_options)
+        # A metric defined for deterministic cells only (a distance to the model's own ODE
+        # solution) is not applicable to a stochastic one: recorded as such, never ranked
+        metrics = {n: registry.get("metrics", n) for n, _ in spec.metrics}
+        self.not_applicable = {n: "not applicable: the sampler draws fresh noise (a stochastic cell)"
+                               for n, m in metrics.items() if m.deterministic_only and solve.stochastic}
+        self.answers = {n: m.answers for n, m in metrics.items() if m.answers}
         self.states: dict[str, Any] = {}
-        world.on_main(lambda: self.states.update({n: registry.get("metrics", n).create(self.ctx)
-                                                  for n, _ in spec.metrics}))
+        world.on_main(lambda: self.states.update({n: m.create(self.ctx) for n, m in metrics.items()
+                                                  if n not in self.not_applicable}))
         self.tally = Tally(grid=out.grid_path(spec.id), bootstrap=bootstrap_b(config.metric_options),
                            samples=SampleWriter(out.samples_path(spec.id), spec.num_samples)
                            if config.save_samples and world.main else None)
@@ -489,9 +495,10 @@ class Measurement:
         floor: dict[str, Any] = {}
         self.world.on_main(lambda: floor.update(data_floor(self.registry, spec, self.ctx,
                                                            self.config.batch_size)))
-        out: dict[str, Any] = {"status": "ok", **({"floor": floor} if floor else {})}
+        out: dict[str, Any] = {"status": "ok", **({"floor": floor} if floor else {}),
+                               **({"not_applicable": self.not_applicable} if self.not_applicable else {})}
         self.world.on_main(lambda: out.update(_finish(self.states, self.tally, self.solve.plan, spec,
-                                                      self.out)))
+                                                      self.out, self.answers)))
         return out
 
 
@@ -573,15 +580,17 @@ class Tally:
                 self.samples.write(s.indices, s.x0)
 
 
-def _finish(states, tally: Tally, plan, spec: CellSpec, out: Run) -> dict[str, Any]:
-    """The cell's record fields once every batch is in: metrics, counted NFE, times. A cell
-    that spent other than its plan's NFE fails: it never ranks beside cells that paid in full."""
-    metrics = {}
+def _finish(states, tally: Tally, plan, spec: CellSpec, out: Run,
+            answers: dict[str, str] | None = None) -> dict[str, Any]:
+    """The cell's record fields once every batch is in: metrics (each with the question its
+    metric answers, where it says), counted NFE, times. A cell that spent other than its
+    plan's NFE fails: it never ranks beside cells that paid in full."""
+    metrics, answers = {}, answers or {}
     for name, state in states.items():
         for key, value in state.result().items():
             if not math.isfinite(value.value):
                 raise FloatingPointError(f"metric '{name}' returned {value.value} for '{key}'")
-            metrics[key] = value.to_json()
+            metrics[key] = {**value.to_json(), **({"answers": answers[name]} if answers.get(name) else {})}
     if len(tally.nfe) != 1:
         raise PluginError(f"sampler spent different NFE on different batches: {sorted(tally.nfe)}")
     counted_nfe = next(iter(tally.nfe))

@@ -155,7 +155,7 @@ class Case:
         model: Denoiser | None = None,
         modifiers: Sequence[Spec] = (),
     ) -> Case:
-        """`stochastic` overrides the sampler's declaration, for options that add noise;
+        """`stochastic` overrides what the sampler declares for these options (`draws_noise`);
         `model` replaces the analytic Gaussian of shape `shape`."""
         sampler = registry().get("samplers", name)
         spec = Spec.parse(sampler.default_schedule)
@@ -168,7 +168,8 @@ class Case:
             schedule,
             resolve_options("schedule", spec.name, schedule.options, dict(spec.options)),
             gaussian(shape=shape) if model is None else model,
-            sampler.stochastic if stochastic is None else stochastic,
+            sampler.draws_noise(resolve_options("sampler", name, sampler.options, dict(given)))
+            if stochastic is None else stochastic,
             given,
             tuple(modifiers),
         )
@@ -284,7 +285,8 @@ def check_determinism(case: Case, nfe: int) -> None:
         assert not torch.equal(runs[0], other), f"{case.name} is stochastic but ignores its noise stream"
     else:
         assert torch.equal(runs[0], other), (
-            f"{case.name} draws noise but is not declared stochastic (Sampler(stochastic=True))"
+            f"{case.name} draws noise but is not declared stochastic for these options "
+            "(Sampler(stochastic=True), or stochastic_when)"
         )
 
 

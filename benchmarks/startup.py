@@ -4,7 +4,7 @@ same run (absolute times depend on the machine and its load; the ratios much les
     OMP_NUM_THREADS=1 python benchmarks/startup.py [--repeats 5]
 
 Targets: `bench --help` and `bench --version` import no torch and take under 0.5 s;
-`bench list` and `bench plugins` take under 1.3x `import torch`.
+`bench list`, `bench list samplers` and `bench plugins` take under 1.3x `import torch`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ COMMANDS = {
     "bench --version": [BENCH, "--version"],
     "bench --help": [BENCH, "--help"],
     "bench list": [BENCH, "list"],
+    "bench list samplers": [BENCH, "list", "samplers"],
     "bench plugins": [BENCH, "plugins"],
 }
 TARGETS = {"bench --version": ("s", 0.5), "bench --help": ("s", 0.5), "bench list": ("x", 1.3),
-           "bench plugins": ("x", 1.3)}
+           "bench list samplers": ("x", 1.3), "bench plugins": ("x", 1.3)}
 
 
 def wall(argv: list[str]) -> float:

@@ -227,3 +227,24 @@ def test_speed_options_are_recorded_and_keep_cells_apart(tmp_path):
         one_process(tmp_path / "c", samplers=["euler"], dtype="fp8")
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["dtype"] == "bf16" and config["environment"]["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_a_race_under_torchrun_equals_the_one_process_race(tmp_path):
+    """Every rank runs the same rounds (rank 0 decides and tells the others): the records,
+    rounds and outcomes equal a one-process race's."""
+    race = ["--samplers", "euler,heun,dpm++2m", "--model", "mixture", "--nfe", "6", "--metrics", "fd",
+            "--num-samples", "16", "--max-samples", "64", "--batch-size", "7", "--race", "--quiet",
+            "--report", "csv"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(["run", *race, "--out", str(one)]) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "--monitor-interval=1", "-m", "bench", "run"]
+    proc = subprocess.run([*torchrun, *race, "--out", str(two)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = Run.open(one).records, Run.open(two).records
+    assert [r["cell_id"] for r in a] == [r["cell_id"] for r in b] and len(a) > 3
+    for x, y in zip(a, b, strict=True):
+        assert x["race"] == y["race"] and x["metrics"] == y["metrics"], (x["method"], x["race"], y["race"])
+    assert {r["race"]["outcome"] for r in a} >= {"left", "best"}

@@ -280,3 +280,28 @@ def test_the_models_own_metrics_are_recorded_as_such(tmp_path):
     (r,) = records(out)
     assert r["metric_set"] == "the own metrics of model source 'gaussian'" and set(r["spec"]["metrics"]) == {
         "fd", "reference"}
+
+
+def test_a_stochastic_cell_is_not_scored_by_the_reference(tmp_path, capsys):
+    """A sampler that draws fresh noise with its options (euler-ancestral; euler with churn) is
+    no convergence error of the ODE: its record says the reference does not apply, the table
+    says n/a, and the verdict ranks it on the data metric only; each verdict says which
+    question its metric answers."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["run", "--model", "mixture", "--samplers", "euler,euler-ancestral,euler:churn=5",
+                 "--nfe", "8", "--num-samples", "32", "--metrics", "fd,reference", "--out", str(out),
+                 "--report", "console,verdict"]) == 0
+    console = capsys.readouterr().out
+    by = {r["sampler"]: r for r in records(out)}
+    assert [by[s]["stochastic"] for s in ("euler", "euler-ancestral", "euler:churn=5")] == [False, True, True]
+    assert "reference_rmse" in by["euler"]["metrics"]
+    for name in ("euler-ancestral", "euler:churn=5"):
+        assert "reference_rmse" not in by[name]["metrics"] and "fd" in by[name]["metrics"]
+        assert "stochastic" in by[name]["not_applicable"]["reference"]
+    verdicts = {v["metric"]: v for v in json.loads((out / "verdict.json").read_text())["verdicts"]}
+    assert set(verdicts["reference_rmse"]["methods"]) == {"euler"}
+    assert set(verdicts["fd"]["methods"]) == {"euler", "euler-ancestral", "euler:churn=5"}
+    assert "n/a (stochastic)" in console
+    assert "RMSE to reference (closest to the model's own ODE)" in console
+    assert "fd (closest to the data)" in console

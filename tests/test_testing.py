@@ -181,11 +181,13 @@ def test_a_claimed_order_is_measured(broken):
         testing.check_convergence(testing.Case.of("t-euler"), order=2)
 
 
-def test_stochastic_override_for_options_that_add_noise(broken):
-    """ddim with eta > 0 draws noise; declared deterministic, it fails unless told."""
+def test_options_that_add_noise_are_declared_stochastic(broken):
+    """ddim with eta > 0 draws noise, and says so (`stochastic_when`); declared deterministic
+    against its options (the override), the check fails."""
+    assert testing.Case.of("ddim", {"eta": 1.0}).stochastic and not testing.Case.of("ddim").stochastic
+    testing.check_determinism(testing.Case.of("ddim", {"eta": 1.0}), 5)
     with pytest.raises(AssertionError, match="not declared stochastic"):
-        testing.check_determinism(testing.Case.of("ddim", {"eta": 1.0}), 5)
-    testing.check_determinism(testing.Case.of("ddim", {"eta": 1.0}, stochastic=True), 5)
+        testing.check_determinism(testing.Case.of("ddim", {"eta": 1.0}, stochastic=False), 5)
 
 
 def test_schedules(broken):

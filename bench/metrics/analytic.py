@@ -185,6 +185,7 @@ METRICS = [
         "Fréchet distance of the samples to the true data distribution (analytic models)",
         floor=True,
         applies=_has_moments,
+        answers="closest to the data",
     ),
 ]
 

@@ -709,7 +709,7 @@ def _metric(name: str, state: type, space: Callable[[MetricContext], FeatureSpac
     minimum = PR_NEIGHBORHOOD + 1 if state is PrecisionRecall else 2
     return Metric(name, partial(state, space=space, name=name), what, floor=True,
                   applies=partial(_applies, minimum=minimum, fits=fits), options=options,
-                  data_samples=data, default_for=default_for)
+                  data_samples=data, default_for=default_for, answers="closest to the data")
 
 
 MNIST = (1, 28, 28)  # the image shape whose models get fid-mnist and kid-mnist by default

@@ -50,6 +50,8 @@ def cell_text(record: dict[str, Any], key: str) -> str:
             text += f" n={record.get('num_samples')}"
         return text + (" (floor)" if at_floor(record, key) else "")
     value = record.get(key)
+    if value is None and record.get("not_applicable"):  # a metric that does not score this cell
+        return "n/a (stochastic)"
     return "; ".join(map(str, value)) if isinstance(value, list) else fmt(value)
 
 
@@ -141,7 +143,7 @@ def verdict_frame(entries: list[dict[str, Any]], html: bool = False) -> pd.DataF
         n = f"raced, n={e['race']['n']}" if e.get("race") else f"n={e['n']}"
         row = {
             **({"model": e["model"]} if models else {}),
-            "metric": f"{e['title']} ({n})",
+            "metric": f"{e['title']} ({n})" + (f": {e['answers']}" if e.get("answers") else ""),
             "NFE": str(e["nfe"]),
             "best": e["best"],
             "value": fmt(best["point"], best.get("std")),
@@ -206,7 +208,8 @@ def verdict_lines(entries: list[dict[str, Any]], width: int = 80) -> list[Text]:
         race = group[0].get("race")
         n = f"raced up to n={race['n']}" if race else f"n={group[0].get('n')}"
         where = f"{model}: " if models else ""
-        head = f"Verdict: {where}{title}, {'higher' if higher else 'lower'} is better, {n}"
+        answers = f" ({group[0]['answers']})" if group[0].get("answers") else ""
+        head = f"Verdict: {where}{title}{answers}, {'higher' if higher else 'lower'} is better, {n}"
         lines.append(Text(printable(head), style="bold"))
         for e in group:
             best = e["methods"][e["best"]]

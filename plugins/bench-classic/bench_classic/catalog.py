@@ -21,6 +21,12 @@ CHURN = {"churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
 # The stochastic samplers' noise: eta scales each step's fresh noise (eta=0 is the ODE solver
 # they reduce to), s_noise its standard deviation
 NOISE = {"eta": 1.0, "s_noise": 1.0}
+def draws_noise(options) -> bool:
+    """Whether a sampler's options make it draw fresh noise: EDM's churn, or eta > 0 with a
+    nonzero noise scale (eta=0 is the ODE solver the stochastic samplers reduce to)."""
+    return options.get("churn", 0) > 0 or (options.get("eta", 0) > 0 and options.get("s_noise", 1) > 0)
+
+
 ONE = "NFE = steps - afs"
 TWO = "NFE = 2*steps - afs (2*steps - 1 - afs with denoise_to_zero=true: the step to 0 costs 1)"
 
@@ -28,14 +34,14 @@ TWO = "NFE = 2*steps - afs (2*steps - 1 - afs with denoise_to_zero=true: the ste
 def one_call_stochastic(name: str, sample, description: str, **more) -> Sampler:
     """A sampler with fresh noise at each of its one-call steps: NFE = steps, no final denoise."""
     return Sampler(name, sample, budgets.plan_one, "NFE = steps", description, stochastic=True,
-                   options={**NOISE, "denoise_to_zero": False}, **more)
+                   options={**NOISE, "denoise_to_zero": False}, stochastic_when=draws_noise, **more)
 
 
 def two_call_ancestral(name: str, sample, description: str, alias: str) -> Sampler:
     """Ancestral sampling with a two-call singlestep solver's steps (k-diffusion): the budget
     rule of the two-call solvers, their options and the noise."""
     return Sampler(name, sample, ancestral.plan_two_ancestral, TWO, description, stochastic=True,
-                   options={**NOISE, **ODE}, aliases=(alias,))
+                   options={**NOISE, **ODE}, aliases=(alias,), stochastic_when=draws_noise)
 
 
 SAMPLERS = [
@@ -46,6 +52,7 @@ SAMPLERS = [
         ONE,
         "Euler's method on the probability-flow ODE (Karras et al. 2022), optional EDM churn",
         options={**ODE, **CHURN},
+        stochastic_when=draws_noise,
     ),
     one_call_stochastic("euler-ancestral", samplers.sample_euler_ancestral,
                         "Euler ancestral (k-diffusion): DDIM's stochastic step on the sigma axis, eta=1",
@@ -58,6 +65,7 @@ SAMPLERS = [
         "DDIM (Song et al. 2021); eta=0 deterministic (= Euler), eta>0 stochastic",
         default_schedule="time-uniform",
         options={"eta": 0.0, "denoise_to_zero": False},
+        stochastic_when=draws_noise,
     ),
     Sampler(
         "heun",
@@ -66,6 +74,7 @@ SAMPLERS = [
         TWO,
         "Heun's 2nd-order method, EDM Algorithm 1 (Karras et al. 2022); churn gives Algorithm 2",
         options={**ODE, **CHURN},
+        stochastic_when=draws_noise,
     ),
     Sampler(
         "dpm-solver-2",
@@ -114,6 +123,7 @@ SAMPLERS = [
         default_schedule="logsnr",
         stochastic=True,
         options={**NOISE, "solver_type": "midpoint", "denoise_to_zero": False},
+        stochastic_when=draws_noise,
         aliases=("dpmpp_2m_sde",),
     ),
     Sampler(
@@ -167,6 +177,7 @@ SAMPLERS = [
         "from the noise stream; eta=0 is DPM-Solver++(2S)",
         stochastic=True,
         options={**NOISE, "r": 0.5, **ODE},
+        stochastic_when=draws_noise,
         aliases=("dpmpp_sde",),
     ),
     one_call_stochastic("dpm++3m-sde", sde.sample_dpmpp_3m_sde,

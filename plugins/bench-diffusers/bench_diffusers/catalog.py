@@ -195,6 +195,7 @@ def sampler(entry: Entry) -> Sampler:
         entry.description,
         stochastic=entry.stochastic,
         options=entry.options,
+        stochastic_when=entry.draws_noise,
         aliases=() if entry.name.endswith("-sde") else (entry.cls.lower(),),
     )
 
