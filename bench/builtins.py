@@ -10,39 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import hookimpl
-from .plugins import deferred
+from .plugins import deferred, register_all
 
-
-@hookimpl
-def register_models(register):
-    from .models import sources
-
-    for source in sources():
-        register(source)
-
-
-@hookimpl
-def register_modifiers(register):
-    from .conditioning import MODIFIERS
-
-    for modifier in MODIFIERS:
-        register(modifier)
-
-
-@hookimpl
-def register_metrics(register):
-    from .metrics import metrics
-
-    for metric in metrics():
-        register(metric)
-
-
-@hookimpl
-def register_reporters(register):
-    from .reporters import REPORTERS
-
-    for reporter in REPORTERS:
-        register(reporter)
+# Registered exactly as a third-party plugin registers (bench.register_all): each hook imports
+# what it registers when it runs
+register_models = register_all("bench.models:sources")
+register_modifiers = register_all("bench.conditioning:MODIFIERS")
+register_metrics = register_all("bench.metrics:metrics")
+register_reporters = register_all("bench.reporters:REPORTERS")
 
 
 def _training_command(subparsers, name: str, what: str, data: str, steps: int, lr: str, objective: str,

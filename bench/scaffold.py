@@ -50,31 +50,13 @@ INIT = '''\
 PLUGIN = '''\
 """Registers $dist's samplers with sampler-bench (entry point group `bench`).
 
-Import-light: `bench --help` imports every plugin's entry module, so the sampler (and
-torch with it) is imported inside the hook.
+Import-light: `bench --help` imports every plugin's entry module, so the samplers (and
+torch with them) are imported when the hook runs, as sampler-bench's own plugins do.
 """
 
-from __future__ import annotations
+from bench import register_all
 
-from bench import hookimpl
-
-
-@hookimpl
-def register_samplers(register):
-    from bench import Sampler
-
-    from .sampler import plan, sample
-
-    register(
-        Sampler(
-            "$sampler",
-            sample,
-            plan,
-            "NFE = steps",
-            "Euler's method on the probability-flow ODE (replace with your method)",
-            default_schedule="karras",  # from bench-classic, a declared dependency
-        )
-    )
+register_samplers = register_all("$package.sampler:SAMPLERS")
 '''
 
 SAMPLER = '''\
@@ -88,7 +70,7 @@ NFE and stops a sampler that spends more than its plan.
 from __future__ import annotations
 
 import torch
-from bench import Plan
+from bench import Plan, Sampler
 from torch import Tensor
 
 
@@ -108,6 +90,18 @@ def sample(model, x: Tensor, sigmas: Tensor, *, noise=None, callback=None, **opt
         # Step to the next sigma
         x = x + (s[i + 1] - s[i]) * d_cur
     return x
+
+
+SAMPLERS = [
+    Sampler(
+        "$sampler",
+        sample,
+        plan,
+        "NFE = steps",
+        "Euler's method on the probability-flow ODE (replace with your method)",
+        default_schedule="karras",  # from bench-classic, a declared dependency
+    )
+]
 '''
 
 TESTS = '''\

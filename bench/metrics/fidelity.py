@@ -637,22 +637,9 @@ class PrecisionRecall(_Features):
         )
         key, title, n = self.space.key, self.space.title, len(gen)
         std = self.bootstrap_std()
-        return {
-            f"precision_{key}": Value(
-                prc[KEY_METRIC_PRECISION],
-                higher_is_better=True,
-                std=std.get(f"precision_{key}"),
-                n=n,
-                title=f"precision ({title})",
-            ),
-            f"recall_{key}": Value(
-                prc[KEY_METRIC_RECALL],
-                higher_is_better=True,
-                std=std.get(f"recall_{key}"),
-                n=n,
-                title=f"recall ({title})",
-            ),
-        }
+        return {f"{what}_{key}": Value(prc[which], higher_is_better=True, std=std.get(f"{what}_{key}"), n=n,
+                                       title=f"{what} ({title})")
+                for what, which in (("precision", KEY_METRIC_PRECISION), ("recall", KEY_METRIC_RECALL))}
 
 
 def _fits(ctx: MetricContext, name: str, side: int) -> str | None:

@@ -44,16 +44,15 @@ def two_call_ancestral(name: str, sample, description: str, alias: str) -> Sampl
                    options={**NOISE, **ODE}, aliases=(alias,), stochastic_when=draws_noise)
 
 
+def churned(name: str, sample, plan, rule: str, description: str) -> Sampler:
+    """An ODE solver with EDM's optional churn (Algorithm 2): deterministic unless churn > 0."""
+    return Sampler(name, sample, plan, rule, description, options={**ODE, **CHURN},
+                   stochastic_when=draws_noise)
+
+
 SAMPLERS = [
-    Sampler(
-        "euler",
-        samplers.sample_euler,
-        budgets.plan_one,
-        ONE,
-        "Euler's method on the probability-flow ODE (Karras et al. 2022), optional EDM churn",
-        options={**ODE, **CHURN},
-        stochastic_when=draws_noise,
-    ),
+    churned("euler", samplers.sample_euler, budgets.plan_one, ONE,
+            "Euler's method on the probability-flow ODE (Karras et al. 2022), optional EDM churn"),
     one_call_stochastic("euler-ancestral", samplers.sample_euler_ancestral,
                         "Euler ancestral (k-diffusion): DDIM's stochastic step on the sigma axis, eta=1",
                         aliases=("euler_ancestral",)),
@@ -67,15 +66,8 @@ SAMPLERS = [
         options={"eta": 0.0, "denoise_to_zero": False},
         stochastic_when=draws_noise,
     ),
-    Sampler(
-        "heun",
-        samplers.sample_heun,
-        budgets.plan_two,
-        TWO,
-        "Heun's 2nd-order method, EDM Algorithm 1 (Karras et al. 2022); churn gives Algorithm 2",
-        options={**ODE, **CHURN},
-        stochastic_when=draws_noise,
-    ),
+    churned("heun", samplers.sample_heun, budgets.plan_two, TWO,
+            "Heun's 2nd-order method, EDM Algorithm 1 (Karras et al. 2022); churn gives Algorithm 2"),
     Sampler(
         "dpm-solver-2",
         partial(samplers.sample_dpm_solver, order=2),
