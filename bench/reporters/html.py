@@ -26,6 +26,7 @@ from .text import (
     metric_frame,
     problems,
     record_keys,
+    samples_per_cell,
     verdict_frame,
 )
 
@@ -226,7 +227,7 @@ def environment_html(run: Run) -> str:
         "python": env.get("python"),
         "platform": env.get("platform"),
         "commit": env.get("commit"),
-        "samples per cell": cfg.get("num_samples"),
+        "samples per cell": samples_per_cell(cfg),
         "batch size": cfg.get("batch_size"),
         "seed": cfg.get("seed"),
         "model forward (calibration)": f"{min(calibration):.4g} s" if calibration else None,

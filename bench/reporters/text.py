@@ -253,6 +253,14 @@ def _style(text: str) -> Text:
     return Text(printable(text), style={"infeasible": "dim", "failed": "red"}.get(text, ""))
 
 
+def samples_per_cell(config: dict[str, Any]) -> str:
+    """`256`, or for a race `raced from 256 to 2048`."""
+    race = config.get("race")
+    if isinstance(race, dict):
+        return f"raced from {config.get('num_samples')} to {race.get('max_samples')}"
+    return str(config.get("num_samples"))
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of a frame of strings, index first."""
     head = [frame.index.name or "", *map(str, frame.columns)]
@@ -292,7 +300,7 @@ def render_markdown(run: Run, console: Console) -> Path:
         fence = "`" * max(3, 1 + max((len(r) for r in re.findall("`+", str(cfg["command"]))), default=0))
         lines += [fence, printable(cfg["command"]), fence, ""]
     lines += [
-        f"Samples per cell: {cfg.get('num_samples')}, seed {cfg.get('seed')}, "
+        f"Samples per cell: {samples_per_cell(cfg)}, seed {cfg.get('seed')}, "
         f"device {env.get('device')} ({env.get('device_name')}), torch {env.get('torch')}, "
         f"commit {env.get('commit')}.",
         "",
