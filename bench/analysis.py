@@ -129,7 +129,7 @@ def verdicts(run, level: float = LEVEL) -> list[dict[str, Any]]:
                     entry["n"] = by_method[m].get("num_samples")
                 entry = {"model": model, "metric": metric, "title": v0.get("title") or metric, "nfe": nfe,
                          "n": v0.get("n"), "floor": floor_of(cells, metric), "answers": v0.get("answers"),
-                         **result}
+                         "of": v0.get("metric"), "headline": v0.get("headline", "metric" not in v0), **result}
                 out.append(with_left({**entry, "race": race},
                                      [r for r in ok if r["nfe"] == nfe], metric) if race else entry)
     return out

@@ -587,10 +587,12 @@ def _finish(states, tally: Tally, plan, spec: CellSpec, out: Run,
     plan's NFE fails: it never ranks beside cells that paid in full."""
     metrics, answers = {}, answers or {}
     for name, state in states.items():
-        for key, value in state.result().items():
+        for i, (key, value) in enumerate(state.result().items()):
             if not math.isfinite(value.value):
                 raise FloatingPointError(f"metric '{name}' returned {value.value} for '{key}'")
-            metrics[key] = {**value.to_json(), **({"answers": answers[name]} if answers.get(name) else {})}
+            # which metric gave it, whether it is that metric's headline value, what it answers
+            metrics[key] = {**value.to_json(), "metric": name, **({"headline": True} if i == 0 else {}),
+                            **({"answers": answers[name]} if answers.get(name) else {})}
     if len(tally.nfe) != 1:
         raise PluginError(f"sampler spent different NFE on different batches: {sorted(tally.nfe)}")
     counted_nfe = next(iter(tally.nfe))

@@ -303,5 +303,5 @@ def test_a_stochastic_cell_is_not_scored_by_the_reference(tmp_path, capsys):
     assert set(verdicts["reference_rmse"]["methods"]) == {"euler"}
     assert set(verdicts["fd"]["methods"]) == {"euler", "euler-ancestral", "euler:churn=5"}
     assert "n/a (stochastic)" in console
-    assert "RMSE to reference (closest to the model's own ODE)" in console
-    assert "fd (closest to the data)" in console
+    assert "Verdict: RMSE to reference, closest to the model's own ODE" in console
+    assert "Verdict: fd, closest to the data" in console and "PSNR" not in console.split("Verdict:", 1)[1]

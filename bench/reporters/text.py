@@ -134,12 +134,7 @@ def verdict_frame(entries: list[dict[str, Any]], html: bool = False) -> pd.DataF
     for e in entries:
         best = e["methods"][e["best"]]
         tied = sorted(e["tied"], key=lambda m: e["methods"][m]["point"], reverse=e["higher_is_better"])
-        worse = str(len(e["worse"]))
-        if e.get("race") and e["race"]["left"]:
-            rounds: dict[int, int] = {}
-            for where in e["race"]["left"].values():
-                rounds[where["round"]] = rounds.get(where["round"], 0) + 1
-            worse += " (left in round " + ", ".join(f"{r}: {k}" for r, k in sorted(rounds.items())) + ")"
+        worse = f"{len(e['worse'])}{left_rounds(e)}"
         n = f"raced, n={e['race']['n']}" if e.get("race") else f"n={e['n']}"
         row = {
             **({"model": e["model"]} if models else {}),
@@ -196,41 +191,48 @@ def render_console(run: Run, console: Console) -> None:
 
 
 def verdict_lines(entries: list[dict[str, Any]], width: int = 80) -> list[Text]:
-    """Per metric a heading, per budget two lines: the best method (value ± s.e., wall-clock)
-    and real data's value; how many tie with it (the first names that fit `width`, then
-    "+N more") and how many are worse (in a race: the rounds they left in)."""
+    """Per metric (its first value: FID, KID, the reference's RMSE) a heading, with the
+    question it answers, its direction, n and real data's value; per budget two lines: the
+    best method (value ± s.e., wall-clock), then how many tie with it (the first names that
+    fit `width`, then "+N more") and how many are worse (in a race: the rounds they left in)."""
     lines: list[Text] = []
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for e in entries:
-        groups.setdefault((e["model"], e["title"], e["higher_is_better"]), []).append(e)
+        if e.get("headline", True):  # not a metric's further values (PSNR beside RMSE, recall)
+            groups.setdefault((e["model"], e["metric"]), []).append(e)
     models = len({e["model"] for e in entries}) > 1
-    for (model, title, higher), group in groups.items():
-        race = group[0].get("race")
-        n = f"raced up to n={race['n']}" if race else f"n={group[0].get('n')}"
+    for (model, _), group in groups.items():
+        e0 = group[0]
         where = f"{model}: " if models else ""
-        answers = f" ({group[0]['answers']})" if group[0].get("answers") else ""
-        head = f"Verdict: {where}{title}{answers}, {'higher' if higher else 'lower'} is better, {n}"
-        lines.append(Text(printable(head), style="bold"))
+        answers = f", {e0['answers']}" if e0.get("answers") else ""
+        lines.append(Text(printable(f"Verdict: {where}{e0['title']}{answers}"), style="bold"))
+        n = f"raced up to n={e0['race']['n']}" if e0.get("race") else f"n={e0.get('n')}"
+        floor = f"; real data {fmt(e0['floor']['value'], e0['floor'].get('std'))}" if e0.get("floor") else ""
+        better = "higher" if e0["higher_is_better"] else "lower"
+        lines.append(Text(printable(f"  {better} is better, {n}{floor}")))
         for e in group:
             best = e["methods"][e["best"]]
             first = f"  NFE {e['nfe']:>3}  best {e['best']} {fmt(best['point'], best.get('std'))}"
             if best.get("wall_s") is not None:
                 first += f" ({best['wall_s']:.3g} s)"
-            if e.get("floor"):
-                first += f" · real data {fmt(e['floor']['value'], e['floor'].get('std'))}"
             tied = sorted(e["tied"], key=lambda m: e["methods"][m]["point"], reverse=e["higher_is_better"])
-            worse = f"worse {len(e['worse'])}"
-            if e.get("race") and e["race"]["left"]:
-                rounds: dict[int, int] = {}
-                for where in e["race"]["left"].values():
-                    rounds[where["round"]] = rounds.get(where["round"], 0) + 1
-                worse += " (left in round " + ", ".join(f"{r}: {k}" for r, k in sorted(rounds.items())) + ")"
+            worse = f" · worse {len(e['worse'])}{left_rounds(e)}"
             lines.append(Text(printable(first)))
-            lines.append(Text(printable(" " * 11 + names_that_fit(f"tied {len(tied)}", tied, f" · {worse}",
-                                                                     width - 11))))
+            ties = names_that_fit(f"tied {len(tied)}", tied, worse, width - 11)
+            lines.append(Text(printable(" " * 11 + ties)))
     if lines:
         lines.append(Text(printable(VERDICT_NOTE_SHORT), style="dim"))
     return lines
+
+
+def left_rounds(entry: dict[str, Any]) -> str:
+    """` (left in round 1: 30, 2: 5)` for a raced budget whose methods left, else ``."""
+    left = (entry.get("race") or {}).get("left") or {}
+    rounds: dict[int, int] = {}
+    for where in left.values():
+        rounds[where["round"]] = rounds.get(where["round"], 0) + 1
+    counts = ", ".join(f"{r}: {k}" for r, k in sorted(rounds.items()))
+    return f" (left in round {counts})" if rounds else ""
 
 
 def names_that_fit(head: str, names: list[str], tail: str, width: int) -> str:
