@@ -413,7 +413,9 @@ class Metric:
 
 @dataclass(frozen=True)
 class Reporter:
-    """`render(run, console)` writes a view of a finished run (`bench.Run`)."""
+    """`render(run, console)` writes a view of a finished run (`bench.Run`): its records, and
+    `run.analysis` (bench.analysis: pooled cells, verdicts, marks), computed once per run and
+    shared by every reporter."""
 
     name: str
     render: Callable[..., Any]
