@@ -276,17 +276,13 @@ def render_html(run: Run, console: Console) -> Path:
         # Per metric: the method x NFE table, quality vs NFE, quality vs wall-clock
         for metric in dict.fromkeys(m for r in records for m in r.get("metrics", {})):
             title = _metric_title(run, metric)
-            name = next((r["metrics"][metric].get("title") for r in records
-                         if metric in r.get("metrics", {})), None) or metric
-            plots = [
-                (f"{name} vs NFE", plot_vs_nfe(records, metric, name)),
-                (f"{name} vs wall-clock, Pareto front marked and named", plot_vs_wall(records, metric, name)),
-            ]
-            body += [
-                f"<h2>{escape(prefix + title)}</h2>",
-                html_table(metric_frame(records, metric, marks)),
-                plots_html(plots),
-            ]
+            value = next(r["metrics"][metric] for r in records if metric in r.get("metrics", {}))
+            name = value.get("title") or metric
+            body += [f"<h2>{escape(prefix + title)}</h2>", html_table(metric_frame(records, metric, marks))]
+            if value.get("headline", "metric" not in value):  # a metric's further values: the table alone
+                pareto = f"{name} vs wall-clock, Pareto front marked and named"
+                body.append(plots_html([(f"{name} vs NFE", plot_vs_nfe(records, metric, name)),
+                                        (pareto, plot_vs_wall(records, metric, name))]))
         for key, title in record_keys(records):
             body += [
                 f"<h2>{escape(prefix + title)}</h2>",
