@@ -144,7 +144,7 @@ def test_duplicate_cells_run_once(tmp_path):
 
 # What a first-party plugin (its package, tests, benchmarks and scripts) and the repository's
 # benchmarks may import of the host: `bench` (its __all__), these modules, and `main` of bench.cli
-PUBLIC_MODULES = {"bench.solvers", "bench.testing", "bench.errors", "bench.adapters"}
+PUBLIC_MODULES = {"bench.solvers", "bench.testing", "bench.errors", "bench.adapters", "bench.stats"}
 PUBLIC_FROM = {"bench.cli": {"main"}}
 
 

@@ -16,11 +16,13 @@ import torch
 from bench import Method, Spec
 from bench.cli import main
 from bench.data import WHEEL, mnist_samples
-from bench.mnist import FLOW_WEIGHTS, WEIGHTS, TrainConfig, UNet, UNetConfig, load_unet
+from bench.files import cache_dir
+from bench.models.mnist import FLOW_WEIGHTS, WEIGHTS, TrainConfig, UNet, UNetConfig, load_unet
 from bench.nfe import CountingDenoiser
 from bench.plugins import load_registry
+from bench.records import read_lines as read_records
+from bench.rundir import RESULTS
 from bench.runner import RunConfig, run
-from bench.store import RESULTS, cache_dir, read_records
 from bench.training import deterministic, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,6 +47,8 @@ MODULES = {
     "bench.errors": ["BenchError", "BudgetExceeded", "Infeasible", "ModelLoadError", "NotApplicable",
                      "PluginError", "UsageError"],
     "bench.cli": ["main"],
+    "bench.stats": ["Bootstrapped", "bootstrap_b", "counts", "index_sets", "paired_interval", "std_of",
+                    "verdict"],
 }
 TESTING = [
     # the conformance suite
@@ -91,7 +93,7 @@ def test_the_readme_documents_the_public_api():
     section = text[text.index("## Writing and publishing a plugin"):text.index("### The conformance suite")]
     rows = {m[1]: m[2] for m in re.finditer(r"^\| `([\w.]+)` \| (.*) \|$", section, re.M)}
     assert set(rows) == {"bench", "bench.solvers", "bench.adapters", "bench.testing", "bench.errors",
-                         "bench.cli.main"}
+                         "bench.cli.main", "bench.stats"}
     documented = set(re.findall(r"`(\w+)", rows["bench"]))
     assert set(BENCH) <= documented, sorted(set(BENCH) - documented)
     for module in ("bench.solvers", "bench.adapters"):
