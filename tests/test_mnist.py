@@ -50,7 +50,7 @@ def images():
 
 def test_sources_are_registered_with_the_mnist_metrics_and_data(registry, mnist, flow, capsys):
     for name in ("mnist", "mnist-flow"):
-        assert registry.get("models", name).default_metrics == ("fid-mnist", "kid-mnist")
+        assert registry.get("models", name).default_metrics == ("fid-mnist", "kid-mnist", "reference")
     for path in (WEIGHTS, FLOW_WEIGHTS):
         assert path.is_file() and path.stat().st_size < 5_000_000
     assert mnist.shape == flow.shape == (1, 28, 28) and mnist.has_bottleneck and not flow.has_bottleneck
