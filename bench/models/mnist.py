@@ -151,10 +151,7 @@ class TrainConfig(Recipe):
     logit-normal t, time scale 1000; model `mnist-flow`).
     """
 
-    steps: int = 5000
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup: int = 200
+    steps: int = 5000  # batch 128, Adam 2e-3, 200 warm-up steps: Recipe's
     ema_halflife: int = 300
     sigma_data: float = 0.62
     limit: int | None = None
