@@ -20,7 +20,7 @@ from bench.cli import main
 from bench.contracts import Batch, MetricContext
 from bench.errors import UsageError
 from bench.images import to_uint8_nhwc
-from bench.metrics.reference import References, cache_dir
+from bench.metrics.reference import SHIPPED, References, cache_dir
 from bench.models.analytic import gaussian, mixture
 from bench.plugins import load_registry
 from bench.seeding import SampleNoise
@@ -305,3 +305,27 @@ def test_a_stochastic_cell_is_not_scored_by_the_reference(tmp_path, capsys):
     assert "n/a (stochastic)" in console
     assert "Verdict: RMSE to reference, closest to the model's own ODE" in console
     assert "Verdict: fd, closest to the data" in console and "PSNR" not in console.split("Verdict:", 1)[1]
+
+
+def test_the_main_jobs_solves_ship_and_are_the_solves(tmp_path, monkeypatch):
+    """The README's main job (digits, n=256, seed block 0) finds its references in the package
+    on a fresh cache (nothing solved, nothing written), and they are what a solve here gives.
+    After retraining `digits`, regenerate them: BENCH_CACHE=DIR bench run --samplers all
+    --nfe 5,10,20 --metrics reference, then copy DIR/reference/* into bench/assets/reference/."""
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "fresh"))
+    out = tmp_path / "run"
+    assert bench_run(out, "--samplers", "euler,diffusers-ddim", "--nfe", "5", "--metrics", "reference") == 0
+    for r in records(out):
+        info = r["metric_info"]["reference"]
+        assert (info["solved"], info["cached"]) == (0, 256), (r["method"], info)
+    assert not cache_dir().exists() or not any(cache_dir().iterdir())
+    # The first 4 samples solved again here match the shipped file to round-off
+    model = load_model("digits")
+    ctx = MetricContext("digits", model, 256, 0, torch.device("cpu"), {}, {})
+    refs = References(ctx, float(model.sigma_max), 128)
+    (path,) = SHIPPED.glob(f"{refs.name}-*.safetensors")
+    with safe_open(str(path), "pt") as f:
+        x0, seeds, indices = (f.get_tensor(k) for k in ("x0", "seeds", "indices"))
+    assert seeds.tolist() == list(range(256))
+    eps = SampleNoise(0, range(4), model.shape, "cpu")()
+    assert torch.allclose(refs.solve(eps, indices[:4]), x0[:4], atol=1e-4)

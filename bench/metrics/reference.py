@@ -67,9 +67,19 @@ PEAK = 2.0  # peak-to-peak range of images in [-1, 1], for PSNR
 TINY = 1e-12  # RMSE floor in the PSNR, so a sample equal to its reference is finite
 
 
+# The README's main job's solves (`digits`, n=256, seed block 0, CPU, float32), shipped so
+# that its first run solves nothing; read only, and only where their key matches exactly
+SHIPPED = Path(__file__).parents[1] / "assets" / "reference"
+
+
 def cache_dir() -> Path:
     """$BENCH_CACHE/reference, or ~/.cache/sampler-bench/reference."""
     return store_cache_dir("reference")
+
+
+def stored(filename: str) -> list[Path]:
+    """Where a stored solve may be: the cache (written), then the package's (read only)."""
+    return [cache_dir() / filename, SHIPPED / filename]
 
 
 def network_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -203,12 +213,12 @@ class References:
         if memo in self.ctx.cache:
             return self.ctx.cache[memo], False, 0.0
         start = time.perf_counter()
-        path = cache_dir() / f"{name}.safetensors"
-        ref = self._read(path, seeds, batch.indices, batch.x0.shape)
+        found = (self._read(p, seeds, batch.indices, batch.x0.shape) for p in stored(f"{name}.safetensors"))
+        ref = next((r for r in found if r is not None), None)
         solved = ref is None
         if solved:
             ref = self.solve(batch.eps, batch.indices)
-            self._write(path, ref, seeds, batch.indices)
+            self._write(cache_dir() / f"{name}.safetensors", ref, seeds, batch.indices)
         self._check(batch, ref)
         self.ctx.cache[memo] = ref
         return ref, solved, time.perf_counter() - start
@@ -242,13 +252,16 @@ class References:
         """The reference's own error, once measured for this key (memory, then disk)."""
         memo = ("reference-check", self.name)
         if memo not in self.ctx.cache:
-            try:
-                stored = json.loads((cache_dir() / f"{self.name}.json").read_text())
-            except (OSError, ValueError):
-                stored = None
-            ok = isinstance(stored, dict) and stored.get("key") == self.key
-            ok = ok and all(math.isfinite(stored.get(k, math.nan)) for k in ("gap", "gap_max"))
-            self.ctx.cache[memo] = {k: v for k, v in stored.items() if k != "key"} if ok else None
+            self.ctx.cache[memo] = None
+            for path in stored(f"{self.name}.json"):
+                try:
+                    found = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                ok = isinstance(found, dict) and found.get("key") == self.key
+                if ok and all(math.isfinite(found.get(k, math.nan)) for k in ("gap", "gap_max")):
+                    self.ctx.cache[memo] = {k: v for k, v in found.items() if k != "key"}
+                    break
         return self.ctx.cache[memo]
 
     def _check(self, batch: Batch, ref: Tensor) -> None:
