@@ -194,13 +194,20 @@ def test_cache_round_trip_and_invalidation(registry, mix, cache):
 
 
 def test_committed_digits_schedules_are_found(registry):
-    """Every committed schedule matches the shipped digits weights: a run loads it."""
-    digits = load_model("digits", "cpu", registry=registry)
+    """Every committed schedule matches the shipped weights of its model (digits, mnist): a run
+    loads it; every featured pairing of digits is committed, and mnist's DMN and GITS ones."""
+    models = {name: load_model(name, "cpu", registry=registry) for name in ("digits", "mnist")}
     files = sorted(ls_cache.PACKAGED.glob("*.json"))
     assert files, "no committed schedules"
     for path in files:
         key = json.loads(path.read_text())["key"]
-        assert key["fingerprint"] == bench.fingerprint(digits), path.name
+        assert key["fingerprint"] == bench.fingerprint(models[key["model"]]), path.name
+    for (name, sampler), nfe in itertools.product(
+            [("gits", "ipndm"), ("gits", "unipc"), ("dmn", "unipc"), ("dmn", "dpm++2m")], [5, 10, 20]):
+        spec = CellSpec("mnist", Method(Spec.parse(sampler), Spec.parse(name)), nfe)
+        solve = build(registry, spec, models["mnist"])
+        assert solve.prep["schedule_fitted"]["source"] == "packaged", (name, sampler, nfe)
+    digits = models["digits"]
     cells = [*itertools.product(["gits", "dmn", "ld3", "ld3:start=search"], ["ipndm", "dpm++2m", "unipc"],
                                 [5, 10, 20])]
     for name, sampler, nfe in cells:
