@@ -1,7 +1,7 @@
 """The fault matrix: every fault, bad input and hostile file the harness promises to survive,
 each tried for real against `bench` in a subprocess, each outcome classified.
 
-    .venv/bin/python benchmarks/fault_matrix.py [--torchrun-runs 3] [--keep DIR]
+    .venv/bin/python benchmarks/fault_matrix.py [--torchrun-runs 3] [--keep DIR] [--only CLASS,...]
 
 Classes: plugin faults (a cell fails, the run goes on: exit 1, the other cells ok), storage
 faults (a full disk, simulated by failing os.write inside the bench process; two writers on
@@ -162,7 +162,8 @@ def classify_error(proc, code: int = 2) -> tuple[str, str]:
 def plugin_faults(bench: Bench) -> list[Outcome]:
     """Each faulty sampler beside euler: exit 1, its cell failed with a reason, euler's ok."""
     cases = {"f-uneven": [], "f-plugin-error": [], "f-usage-error": [], "f-exit": [],
-             "f-hang": ["--cell-timeout", "5"], "f-rising": []}
+             # long enough for euler's cell, lazy imports included, on a loaded machine
+             "f-hang": ["--cell-timeout", "20"], "f-rising": []}
     out = []
     for sampler, extra in cases.items():
         run_dir = bench.work / f"fault-{sampler}"
@@ -173,7 +174,8 @@ def plugin_faults(bench: Bench) -> list[Outcome]:
         if "Traceback" in proc.stderr:
             verdict, detail = "traceback", proc.stderr.strip().splitlines()[-1][:160]
         elif other.get("status") != "ok":
-            verdict, detail = "lost", f"euler's cell: {other.get('status')} (exit {proc.returncode})"
+            verdict, detail = "lost", (f"euler's cell: {other.get('status')}, {other.get('reason', '')[:100]} "
+                                       f"(exit {proc.returncode})")
         elif proc.returncode != 1 or mine.get("status") != "failed" or not mine.get("reason"):
             verdict, detail = "wrong", f"exit {proc.returncode}, {sampler}: {mine.get('status')}"
         else:
@@ -671,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torchrun-runs", type=int, default=3)
     parser.add_argument("--keep", type=Path, default=None, help="a work directory to keep (default: temp)")
     parser.add_argument("--verbose", action="store_true", help="every outcome, clean ones too")
+    parser.add_argument("--only", default=None, help="comma list of the classes to try (default all)")
     args = parser.parse_args(argv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="fault-matrix-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -695,6 +698,13 @@ def main(argv: list[str] | None = None) -> int:
         ("plugins that end the process", lambda: process_enders(bench)),
         ("multi-process", lambda: multi_process(bench, args.torchrun_runs)),
     ]
+    if args.only:
+        wanted = [c.strip() for c in args.only.split(",")]
+        unknown = sorted(set(wanted) - {name for name, _ in classes})
+        if unknown:
+            parser.error(f"--only: unknown class {', '.join(unknown)}; the classes: "
+                         + ", ".join(name for name, _ in classes))
+        classes = [(name, attempt) for name, attempt in classes if name in wanted]
     outcomes: list[Outcome] = []
     for name, attempt in classes:
         start = time.perf_counter()
