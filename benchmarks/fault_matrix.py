@@ -174,8 +174,8 @@ def plugin_faults(bench: Bench) -> list[Outcome]:
         if "Traceback" in proc.stderr:
             verdict, detail = "traceback", proc.stderr.strip().splitlines()[-1][:160]
         elif other.get("status") != "ok":
-            verdict, detail = "lost", (f"euler's cell: {other.get('status')}, {other.get('reason', '')[:100]} "
-                                       f"(exit {proc.returncode})")
+            reason = other.get("reason", "")[:100]
+            verdict, detail = "lost", f"euler's cell: {other.get('status')}, {reason} (exit {proc.returncode})"
         elif proc.returncode != 1 or mine.get("status") != "failed" or not mine.get("reason"):
             verdict, detail = "wrong", f"exit {proc.returncode}, {sampler}: {mine.get('status')}"
         else:
