@@ -175,7 +175,8 @@ def plugin_faults(bench: Bench) -> list[Outcome]:
             verdict, detail = "traceback", proc.stderr.strip().splitlines()[-1][:160]
         elif other.get("status") != "ok":
             reason = other.get("reason", "")[:100]
-            verdict, detail = "lost", f"euler's cell: {other.get('status')}, {reason} (exit {proc.returncode})"
+            status = other.get("status")
+            verdict, detail = "lost", f"euler's cell: {status}, {reason} (exit {proc.returncode})"
         elif proc.returncode != 1 or mine.get("status") != "failed" or not mine.get("reason"):
             verdict, detail = "wrong", f"exit {proc.returncode}, {sampler}: {mine.get('status')}"
         else:
