@@ -229,13 +229,15 @@ def test_bottleneck_predictor_on_a_unet_that_exposes_its_bottleneck(registry, tm
         sample_amed(mixture(), x, sigmas, base="ipndm", fitted_predictor=predictor)
 
 
-def test_committed_predictors_serve_the_shipped_digits_model(registry):
-    """The package's predictors match the shipped digits weights at the default budgets, so
-    the default run fits nothing. If the weights change, rerun the README's `bench fit`."""
-    model = load_model("digits", torch.device("cpu"), registry=registry)
+@pytest.mark.parametrize("model_name", ["digits", "mnist"])
+def test_committed_predictors_serve_the_shipped_models(registry, model_name):
+    """The package's predictors match the shipped digits and mnist weights at the default
+    budgets, so `--samplers all` on either fits nothing. If the weights change, rerun the
+    README's `bench fit` (with `--model mnist` for mnist)."""
+    model = load_model(model_name, torch.device("cpu"), registry=registry)
     for name in ("amed-solver", "amed-plugin-euler", "amed-plugin-ipndm", "amed-plugin-dpm++2m"):
         for nfe in (5, 10, 20):
-            recipe = resolve(registry, CellSpec("digits", Method(Spec(name)), nfe), model)
+            recipe = resolve(registry, CellSpec(model_name, Method(Spec(name)), nfe), model)
             key, *_ = settings(model, recipe.sigmas, name, BASES[name], recipe.options)
             predictor, status = amed_cache.load(amed_cache.PACKAGED / amed_cache.entry_name(key), key)
             assert status == "ok", f"{name} at NFE {nfe}: committed predictor {status}"
