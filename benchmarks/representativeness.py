@@ -112,27 +112,15 @@ def published(name: str) -> Table:
 # --- Rank correlation -----------------------------------------------------------------
 
 
-def ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..k of `values` (ascending), ties given their average rank."""
-    order = np.argsort(values, kind="stable")
-    r = np.empty(len(values))
-    r[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):  # average rank of each group of ties
-        tie = values == v
-        r[tie] = r[tie].mean()
-    return r
-
-
 def spearman(a: dict[str, float], b: dict[str, float]) -> float | None:
-    """Spearman's rank correlation over the keys both hold with finite values (Pearson's r
-    of their average ranks); None with fewer than 3 such keys or a constant side."""
+    """Spearman's rank correlation (scipy's, ties at their average rank) over the keys both
+    hold with finite values; None with fewer than 3 such keys or a constant side."""
+    from scipy.stats import spearmanr
+
     keys = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
-    if len(keys) < 3:
+    if len(keys) < 3 or len({a[k] for k in keys}) < 2 or len({b[k] for k in keys}) < 2:
         return None
-    ra, rb = (ranks(np.array([x[k] for k in keys], dtype=float)) for x in (a, b))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = math.sqrt(float((ra**2).sum() * (rb**2).sum()))
-    return float((ra * rb).sum() / denominator) if denominator else None
+    return float(spearmanr([a[k] for k in keys], [b[k] for k in keys]).statistic)
 
 
 def correlations(measured: Table, reference: Table, nfes=NFES) -> dict[str, Any]:
