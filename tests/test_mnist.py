@@ -256,6 +256,7 @@ def test_correlations_between_the_published_tables(rep):
     assert rep.correlations(cifar, cifar)["mean"] == pytest.approx(1)
     assert rep.correlations(cifar, ffhq)["mean"] == pytest.approx(0.9661, abs=1e-4)
     assert rep.correlations(ffhq, imagenet)["mean"] == pytest.approx(0.7580, abs=1e-4)
+    assert rep.correlations(cifar, imagenet)["mean"] == pytest.approx(0.8089, abs=1e-4)
     # A measured table with one solver reversed at NFE 3: rho over the 5 feasible solvers
     measured = {s: dict(v) for s, v in cifar.items()}
     measured["Euler"][3], measured["iPNDM-4"][3] = measured["iPNDM-4"][3], measured["Euler"][3]
